@@ -1,0 +1,285 @@
+"""Examples, the study's prompt, and loaders (study JSON, JSONL, HuggingFace datasets).
+
+Every example is converted into the study's instruction format ``{instruction, input, output, answer}``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterable, Literal
+
+from .errors import InputError, where
+from .tasks import Task, get_task
+
+REQUIRED_FIELDS = ("instruction", "answer")
+
+
+@dataclass(frozen=True)
+class Example:
+    instruction: str
+    answer: str
+    input: str = ""
+    output: str = ""
+
+    def to_dict(self) -> dict[str, str]:
+        return asdict(self)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Prompts. "study" reproduces the released code byte for byte, including its quirks: the training prompt
+# (finetune.py) and the evaluation prompt (evaluate.py) differ in trailing spaces and in the whitespace-only line
+# between sections, and both indent every section by 16 spaces. "alpaca" is the clean Alpaca template.
+# --------------------------------------------------------------------------------------------------------------------
+_PAD = " " * 16
+_HEAD = "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+_HEAD_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request."
+)
+
+PromptStyle = Literal["study", "alpaca"]
+PROMPT_STYLES: tuple[str, ...] = ("study", "alpaca")
+
+
+def _study_prompt(ex: Example, train: bool) -> str:
+    gap = f"\n{_PAD}\n" if train else "\n\n"
+    if ex.input:
+        head = _HEAD_INPUT + (" " if train else "")
+        return (
+            f"{head}\n\n{_PAD}### Instruction:\n{_PAD}{ex.instruction}{gap}{_PAD}### Input:\n{_PAD}{ex.input}"
+            f"{gap}{_PAD}### Response:\n{_PAD}"
+        )
+    head = _HEAD + ("  " if train else " ")
+    return f"{head}\n\n{_PAD}### Instruction:\n{_PAD}{ex.instruction}{gap}{_PAD}### Response:\n{_PAD}"
+
+
+def _alpaca_prompt(ex: Example) -> str:
+    if ex.input:
+        return f"{_HEAD_INPUT}\n\n### Instruction:\n{ex.instruction}\n\n### Input:\n{ex.input}\n\n### Response:\n"
+    return f"{_HEAD}\n\n### Instruction:\n{ex.instruction}\n\n### Response:\n"
+
+
+def build_prompt(ex: Example, style: str = "study", train: bool = False) -> str:
+    """The prompt that precedes the response. ``train`` selects the study's training variant."""
+    if style == "study":
+        return _study_prompt(ex, train)
+    if style == "alpaca":
+        return _alpaca_prompt(ex)
+    raise InputError(f"unknown prompt style {style!r}; use one of {', '.join(PROMPT_STYLES)}")
+
+
+def build_training_text(ex: Example, style: str = "study") -> tuple[str, str]:
+    """(prompt, response) for training: the model is trained on prompt + response (+ EOS)."""
+    return build_prompt(ex, style, train=True), ex.output
+
+
+RESPONSE_MARKER = "### Response:"
+
+
+def response_text(decoded: str) -> str:
+    """The study's post-processing of a decoded generation: the text after ``### Response:``, stripped."""
+    parts = decoded.split(RESPONSE_MARKER, 1)
+    return (parts[1] if len(parts) > 1 else parts[0]).strip()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Loaders
+# --------------------------------------------------------------------------------------------------------------------
+def _example_from_row(row: Any, path: Path | str, i: int) -> Example:
+    if not isinstance(row, dict):
+        raise InputError(f"{where(path, i)}: expected an object with 'instruction' and 'answer', got {type(row).__name__}")
+    for field in REQUIRED_FIELDS:
+        if field not in row or row[field] is None:
+            raise InputError(f"{where(path, i, field)}: missing; every item needs 'instruction' and 'answer'")
+    for field in ("instruction", "input", "output"):
+        if field in row and row[field] is not None and not isinstance(row[field], str):
+            raise InputError(f"{where(path, i, field)}: must be a string, got {type(row[field]).__name__}")
+    return Example(
+        instruction=row["instruction"],
+        answer=str(row["answer"]),
+        input=row.get("input") or "",
+        output=row.get("output") or "",
+    )
+
+
+def read_records(path: Path | str) -> list[dict[str, Any]]:
+    """Read a JSON list or a JSONL file into raw dict records, with one-line errors naming file and row."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: no such file; give a .json list or a .jsonl file")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".jsonl" or (text.lstrip()[:1] == "{" and "\n{" in text.strip()):
+        rows = []
+        for i, line in enumerate(text.splitlines()):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise InputError(f"{where(path, i)}: invalid JSON ({e.msg} at column {e.colno}); one object per line") from None
+        return rows
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise InputError(f"{path}: invalid JSON ({e.msg} at line {e.lineno}); expected a list of objects") from None
+    if not isinstance(data, list):
+        raise InputError(f"{path}: expected a JSON list of objects, got {type(data).__name__}")
+    return data
+
+
+def load_examples(path: Path | str) -> list[Example]:
+    """Load study-format examples from a JSON list or JSONL file."""
+    return [_example_from_row(row, path, i) for i, row in enumerate(read_records(path))]
+
+
+def validate_examples(examples: Iterable[Example], task: Task, source: str) -> None:
+    """Check that every gold answer is a valid answer of ``task``."""
+    for i, ex in enumerate(examples):
+        try:
+            task.gold(ex.answer)
+        except ValueError as e:
+            raise InputError(f"{where(source, i, 'answer')}: {e} for task {task.name}") from None
+
+
+def find_task_file(data_dir: Path | str, task_name: str, split: str = "test") -> Path | None:
+    """Locate ``<data_dir>/<folder>/<split>.json`` under the canonical name or any alias of the task."""
+    task = get_task(task_name)
+    root = Path(data_dir)
+    for folder in dict.fromkeys((task.study_folder, task.name, *task.aliases)):
+        for suffix in (".json", ".jsonl"):
+            candidate = root / folder / f"{split}{suffix}"
+            if candidate.is_file():
+                return candidate
+    return None
+
+
+def load_task(task_name: str, source: Path | str, split: str = "test", limit: int | None = None) -> list[Example]:
+    """Load a task's examples from a study data folder, a single JSON/JSONL file, or a HuggingFace dataset.
+
+    ``source`` may be: a folder holding ``<task>/test.json`` (study layout), a file, a ``save_to_disk`` folder, or
+    ``hf:<hub id>[:<config>]`` for the hub.
+    """
+    task = get_task(task_name)
+    src = str(source)
+    path = Path(src)
+    if src.startswith("hf:") or (path.is_dir() and (path / "dataset_info.json").is_file()):
+        examples = load_hf_task(task.name, src.removeprefix("hf:"), split=split)
+        file_label = src
+    elif path.is_file():
+        examples, file_label = load_examples(path), str(path)
+    elif path.is_dir():
+        found = find_task_file(path, task.name, split)
+        if found is None:
+            raise InputError(
+                f"{path}: no {split}.json for task {task.name} (looked in {task.study_folder}/ and {task.name}/); "
+                "point --data at the study's dataset folder or at a file"
+            )
+        examples, file_label = load_examples(found), str(found)
+    else:
+        raise InputError(f"{src}: not a file, folder or hf:<id>; give the study's dataset folder or a JSON/JSONL file")
+    validate_examples(examples, task, file_label)
+    return examples[:limit] if limit else examples
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# HuggingFace datasets -> study instruction format
+# --------------------------------------------------------------------------------------------------------------------
+def _choices_line(stem: str, options: list[str], sep: str = " ") -> str:
+    return sep.join(f"{stem}{i}: {opt}" for i, opt in enumerate(options, 1))
+
+
+def _format(question: str, stem: str, options: list[str], lead: str, sep: str = " ") -> str:
+    fmt = "/".join(f"{stem.lower()}{i}" for i in range(1, len(options) + 1))
+    return f"{lead}: {question}\n\n{_choices_line(stem, options, sep)}\n\nAnswer format: {fmt}"
+
+
+def _hf_hellaswag(row: dict[str, Any]) -> Example:
+    ctx = f"{row['activity_label']}: {row['ctx']}"
+    instruction = _format(ctx, "Ending", list(row["endings"]), "Please choose the correct ending to complete the given sentence")
+    return Example(instruction, f"ending{int(row['label']) + 1}", output=f"the correct answer is ending{int(row['label']) + 1}")
+
+
+def _hf_arc_like(row: dict[str, Any], question_key: str) -> Example:
+    labels = list(row["choices"]["label"])
+    answer = f"answer{labels.index(row['answerKey']) + 1}"
+    instruction = _format(row[question_key], "Answer", list(row["choices"]["text"]), "Please choose the correct answer to the question")
+    return Example(instruction, answer, output=f"the correct answer is {answer}")
+
+
+def _hf_boolq(row: dict[str, Any]) -> Example:
+    answer = "true" if row["answer"] else "false"
+    instruction = f"Please answer the following question with true or false, question: {row['question']}?\n\nAnswer format: true/false"
+    return Example(instruction, answer, output=f"the correct answer is {answer}")
+
+
+def _hf_piqa(row: dict[str, Any]) -> Example:
+    answer = f"solution{int(row['label']) + 1}"
+    instruction = _format(row["goal"], "Solution", [row["sol1"], row["sol2"]], "Please choose the correct solution to the question", sep="\n\n")
+    return Example(instruction, answer, output=f"the correct answer is {answer}")
+
+
+def _hf_siqa(row: dict[str, Any]) -> Example:
+    answer = f"answer{int(row['label'])}"
+    question = f"{row['context']} {row['question']}"
+    options = [row["answerA"], row["answerB"], row["answerC"]]
+    instruction = _format(question, "Answer", options, "Please choose the correct answer to the question")
+    return Example(instruction, answer, output=f"the correct answer is {answer}")
+
+
+def _hf_winogrande(row: dict[str, Any]) -> Example:
+    answer = f"option{int(row['answer'])}"
+    instruction = (
+        "Please choose the correct answer to fill in the blank to complete the given sentence: "
+        f"{row['sentence']}\n\nOption1: {row['option1']} Option2: {row['option2']} Answer format: option1/option2"
+    )
+    return Example(instruction, answer, output=f"the correct answer is {answer}")
+
+
+_HF_CONVERTERS = {
+    "hellaswag": _hf_hellaswag,
+    "arc_easy": lambda r: _hf_arc_like(r, "question"),
+    "arc_challenge": lambda r: _hf_arc_like(r, "question"),
+    "openbookqa": lambda r: _hf_arc_like(r, "question_stem"),
+    "boolq": _hf_boolq,
+    "piqa": _hf_piqa,
+    "siqa": _hf_siqa,
+    "winogrande": _hf_winogrande,
+}
+HF_TASKS = tuple(_HF_CONVERTERS)
+
+
+def convert_hf_rows(task_name: str, rows: Iterable[dict[str, Any]], source: str = "dataset") -> list[Example]:
+    """Convert rows of the task's HuggingFace dataset into study-format examples."""
+    task = get_task(task_name)
+    convert = _HF_CONVERTERS.get(task.name)
+    if convert is None:
+        raise InputError(f"task {task.name} has no HuggingFace converter; supported: {', '.join(HF_TASKS)}")
+    out = []
+    for i, row in enumerate(rows):
+        try:
+            out.append(convert(row))
+        except (KeyError, ValueError, TypeError) as e:
+            raise InputError(f"{where(source, i)}: cannot convert a {task.name} row ({type(e).__name__}: {e}); is this the right dataset?") from None
+    return out
+
+
+def load_hf_task(task_name: str, source: str, split: str = "validation") -> list[Example]:
+    """Load a HuggingFace dataset (a ``save_to_disk`` folder, or a hub id ``name[:config]``) as study examples."""
+    import datasets
+
+    path = Path(source)
+    if path.is_dir():
+        ds = datasets.load_from_disk(str(path))
+        if isinstance(ds, datasets.DatasetDict):
+            ds = ds[split if split in ds else next(iter(ds))]
+    else:  # hub id; needs network
+        name, _, config = source.partition(":")
+        ds = datasets.load_dataset(name, config or None, split=split if split != "test" else "validation")
+    return convert_hf_rows(task_name, ds, source)
+
+
+def save_examples(examples: Iterable[Example], path: Path | str) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps([e.to_dict() for e in examples], indent=1), encoding="utf-8")
