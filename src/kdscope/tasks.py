@@ -106,13 +106,25 @@ TASKS: dict[str, Task] = {
 MATH_TASKS = tuple(n for n, t in TASKS.items() if t.domain == "math")
 COMMONSENSE_TASKS = tuple(n for n, t in TASKS.items() if t.domain == "commonsense")
 
+# Procedurally generated tasks of the built-in demo (kdscope.synthetic), in the study's answer formats.
+DEMO_TASKS: dict[str, Task] = {
+    t.name: t
+    for t in [
+        Task("toy_add", "math", "number", "toy_add"),
+        Task("toy_mult", "math", "number", "toy_mult"),
+        Task("toy_letter", "math", "letter", "toy_letter"),
+        Task("toy_compare", "commonsense", "label", "toy_compare", _ANSWER5),
+        Task("toy_truefalse", "commonsense", "label", "toy_truefalse", ("true", "false")),
+    ]
+}
+
 
 def _key(name: str) -> str:
     return name.strip().lower().replace("-", "_")
 
 
 _ALIASES: dict[str, str] = {}
-for _task in TASKS.values():
+for _task in (*TASKS.values(), *DEMO_TASKS.values()):
     for _alias in (_task.name, _task.study_folder, *_task.aliases):
         _ALIASES[_key(_alias)] = _task.name
 
@@ -122,15 +134,18 @@ def canonical_name(name: str) -> str:
     try:
         return _ALIASES[_key(name)]
     except KeyError:
-        raise KeyError(f"unknown task {name!r}; known tasks: {', '.join(TASKS)}") from None
+        known = ", ".join((*TASKS, *DEMO_TASKS))
+        raise KeyError(f"unknown task {name!r}; known tasks: {known}") from None
 
 
 def get_task(name: str) -> Task:
     """Look a task up by canonical name or alias."""
-    return TASKS[canonical_name(name)]
+    key = canonical_name(name)
+    return TASKS[key] if key in TASKS else DEMO_TASKS[key]
 
 
 def tasks_for_domain(domain: str) -> tuple[str, ...]:
+    """The study's tasks of a domain."""
     if domain == "math":
         return MATH_TASKS
     if domain == "commonsense":
