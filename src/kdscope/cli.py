@@ -9,12 +9,15 @@ import functools
 import json
 import sys
 from pathlib import Path
-from typing import Callable, Optional, TypeVar
+from typing import TYPE_CHECKING, Callable, Optional, TypeVar
 
 import typer
 
 from . import __version__
 from .errors import InputError
+
+if TYPE_CHECKING:
+    from .train import TrainSettings
 
 app = typer.Typer(
     help="kdscope: run, measure and explain knowledge-distillation studies of causal language models.",
@@ -109,6 +112,159 @@ def score_cmd(
         typer.echo(json.dumps(summary))
     else:
         typer.echo(f"{summary['task']}: {summary['correct']}/{summary['n']} correct, accuracy {summary['accuracy']:.4f}")
+
+
+train_app = typer.Typer(help="Train students and teachers: SFT baselines and distillation.", no_args_is_help=True)
+app.add_typer(train_app, name="train")
+
+_LORA_HELP = "Train LoRA adapters (the study's r=8, alpha=16, dropout 0.05, q/k/v/up/down) or all weights."
+
+
+def _settings(objective: str, **fields: object) -> "TrainSettings":
+    from pydantic import ValidationError
+
+    from .train import TrainSettings
+
+    values = {k: v for k, v in fields.items() if v is not None}
+    lora = values.pop("lora", True)
+    try:
+        settings = TrainSettings(objective=objective, **values)
+        return settings if lora else settings.model_copy(update={"lora": None})
+    except ValidationError as e:
+        err = e.errors()[0]
+        raise InputError(f"--{'-'.join(str(p) for p in err['loc']).replace('_', '-')}: {err['msg']}") from None
+
+
+def _train(student_ref: str, data: str, out: Path, settings: "TrainSettings", resume: bool,
+           teacher_ref: Optional[str] = None, teacher_adapter: Optional[Path] = None, device: str = "auto") -> None:
+    from .data import load_training_data
+    from .models import load_model
+    from .signal import OnlineTeacher, check_same_tokenizer
+    from .train import prepare_student, train
+
+    examples = load_training_data(data, seed=settings.seed)
+    student, tokenizer = load_model(student_ref, device=device, seed=settings.seed)
+    teacher_signal = teacher_model = None
+    if teacher_ref is not None:
+        teacher_model, teacher_tok = load_model(teacher_ref, adapter=teacher_adapter, device=device, seed=settings.seed + 1)
+        check_same_tokenizer(teacher_tok, tokenizer)
+        teacher_signal = OnlineTeacher(teacher_model, topk=settings.teacher_topk, noise_sigma=settings.noise_sigma,
+                                       seed=settings.seed, disable_adapter=settings.base_teacher,
+                                       vocab_width=student.config.vocab_size, temperature=settings.temperature)
+    result = train(prepare_student(student, settings), tokenizer, examples, settings, out,
+                   teacher=teacher_signal, teacher_model=teacher_model, resume=resume)
+    typer.echo(f"trained {result.steps} steps; best validation loss {result.best_val_loss}; weights in {out / 'final'}")
+
+
+@train_app.command("sft")
+@user_errors
+def train_sft_cmd(
+    model: str = typer.Option(..., "--model", help="Model to fine-tune: hub id, folder, .gguf or builtin:<name>."),
+    data: str = typer.Option(..., "--data", help="Training data: study JSON/JSONL with 'output', or synthetic:<domain>[:n]."),
+    out: Path = typer.Option(..., "--out", help="Output folder (checkpoints, metrics.jsonl, final/)."),
+    lora: bool = typer.Option(True, "--lora/--full", help=_LORA_HELP),
+    epochs: Optional[float] = typer.Option(None, help="Epochs (default 3)."),
+    max_steps: Optional[int] = typer.Option(None, help="Stop after this many optimizer steps."),
+    lr: Optional[float] = typer.Option(None, help="Peak learning rate (default 3e-4)."),
+    micro_batch_size: Optional[int] = typer.Option(None, help="Micro-batch size (default 4)."),
+    grad_accum: Optional[int] = typer.Option(None, help="Gradient accumulation steps (default 4)."),
+    max_length: Optional[int] = typer.Option(None, help="Max tokens per example (default 256)."),
+    val_size: Optional[int] = typer.Option(None, help="Held-out items for best-checkpoint selection (default 500)."),
+    seed: Optional[int] = typer.Option(None, help="Seed (default 6, the study's)."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N, mps."),
+    resume: bool = typer.Option(True, "--resume/--restart", help="Continue from the last checkpoint in --out."),
+) -> None:
+    """Supervised fine-tuning (cross-entropy): the teacher and the SFT baselines."""
+    settings = _settings("sft", lora=lora, epochs=epochs, max_steps=max_steps, lr=lr, micro_batch_size=micro_batch_size,
+                         grad_accum=grad_accum, max_length=max_length, val_size=val_size, seed=seed)
+    _train(model, data, out, settings, resume, device=device)
+
+
+@train_app.command("kd")
+@user_errors
+def train_kd_cmd(
+    student: str = typer.Option(..., "--student", help="Student model: hub id, folder, .gguf or builtin:<name>."),
+    teacher: str = typer.Option(..., "--teacher", help="Teacher base model (same tokenizer as the student)."),
+    teacher_adapter: Optional[Path] = typer.Option(None, help="Teacher's LoRA adapter folder (from `train sft`)."),
+    data: str = typer.Option(..., "--data", help="Training data: study JSON/JSONL with 'output', or synthetic:<domain>[:n]."),
+    out: Path = typer.Option(..., "--out", help="Output folder."),
+    objective: str = typer.Option("kd", help="kd (off-policy logits), gkd (on-policy mix), seqkd (teacher responses)."),
+    loss: Optional[str] = typer.Option(None, help="forward_kl (SeqKD), reverse_kl (RevKD), jsd (GKD), skew_forward_kl, skew_reverse_kl, tvd."),
+    temperature: Optional[float] = typer.Option(None, help="Logit temperature T (loss scaled by T^2)."),
+    weight: Optional[float] = typer.Option(None, "--weight", help="w in (1-w)*CE + w*KD (default 1, the study's)."),
+    beta: Optional[float] = typer.Option(None, help="JSD beta (default 0.5)."),
+    lmbda: Optional[float] = typer.Option(None, "--lambda", help="GKD: probability of an on-policy batch (default 0.5)."),
+    noise_sigma: Optional[float] = typer.Option(None, help="Ablation: Gaussian noise std on teacher logits."),
+    base_teacher: bool = typer.Option(False, "--base-teacher", help="Ablation: teacher with its adapter disabled."),
+    teacher_topk: Optional[int] = typer.Option(None, help="Use only the teacher's top-k logits."),
+    token_mask: Optional[str] = typer.Option(None, help="all (prompt too, the study) or response."),
+    lora: bool = typer.Option(True, "--lora/--full", help=_LORA_HELP),
+    epochs: Optional[float] = typer.Option(None, help="Epochs (default 3)."),
+    max_steps: Optional[int] = typer.Option(None, help="Stop after this many optimizer steps."),
+    lr: Optional[float] = typer.Option(None, help="Peak learning rate (default 3e-4)."),
+    micro_batch_size: Optional[int] = typer.Option(None, help="Micro-batch size (default 4)."),
+    grad_accum: Optional[int] = typer.Option(None, help="Gradient accumulation steps (default 4)."),
+    max_length: Optional[int] = typer.Option(None, help="Max tokens per example (default 256)."),
+    val_size: Optional[int] = typer.Option(None, help="Held-out items (default 500)."),
+    seed: Optional[int] = typer.Option(None, help="Seed (default 6)."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N, mps."),
+    resume: bool = typer.Option(True, "--resume/--restart", help="Continue from the last checkpoint in --out."),
+) -> None:
+    """Distil a teacher into a student (forward/reverse KL, JSD/GKD, sequence-level KD) with the study's ablations."""
+    if objective not in ("kd", "gkd", "seqkd"):
+        raise InputError(f"--objective {objective!r}: use kd, gkd or seqkd")
+    if base_teacher and teacher_adapter is None:
+        raise InputError("--base-teacher disables the teacher's adapter; give --teacher-adapter too")
+    settings = _settings(objective, loss=loss, temperature=temperature, kd_weight=weight, beta=beta, lmbda=lmbda,
+                         noise_sigma=noise_sigma, base_teacher=base_teacher or None, teacher_topk=teacher_topk,
+                         token_mask=token_mask, lora=lora, epochs=epochs, max_steps=max_steps, lr=lr,
+                         micro_batch_size=micro_batch_size, grad_accum=grad_accum, max_length=max_length,
+                         val_size=val_size, seed=seed)
+    _train(student, data, out, settings, resume, teacher_ref=teacher, teacher_adapter=teacher_adapter, device=device)
+
+
+@app.command("stats")
+@user_errors
+def stats_cmd(
+    results: list[Path] = typer.Argument(..., help="Result tables in the study's CSV layout (several files are concatenated)."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write every test as a list of JSON records here."),
+    markdown_out: Optional[Path] = typer.Option(None, "--markdown", help="Write study-style Markdown tables here."),
+    agreement: list[Path] = typer.Option([], "--agreement", help="Agreement table(s), layout of the study's EM1*.csv."),
+    fidelity: list[Path] = typer.Option([], "--fidelity", help="Fidelity table(s), layout of the study's BLEU*.csv."),
+    items: Optional[Path] = typer.Option(None, "--items", help="Per-item records (Teacher, Student, Method, task, item, correct)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the bootstrap intervals."),
+) -> None:
+    """Reproduce the study's statistical analysis (t-tests, ANOVA, Spearman) and add adjusted p-values, effect sizes,
+    robustness tests and a regression. Prints the headline tests (Average, pooled over methods)."""
+    from .stats import ITEM_COLUMNS, analyse, headline, json_ready, markdown_report, read_side_tables, read_tables
+
+    records = analyse(read_tables(results), read_side_tables(agreement), read_side_tables(fidelity), seed,
+                      read_side_tables([items] if items else [], ITEM_COLUMNS))
+    if json_out is not None:
+        json_out.write_text(json.dumps(json_ready(records), indent=1))
+    if markdown_out is not None:
+        markdown_out.write_text(markdown_report(records))
+    typer.echo("\n".join(headline(records)))
+
+
+@app.command("report")
+@user_errors
+def report_cmd(
+    results: list[Path] = typer.Argument(..., help="Result tables in the study's CSV layout."),
+    out: Path = typer.Option(Path("report.html"), "--out", help="HTML file to write; the Markdown twin goes beside it."),
+    agreement: list[Path] = typer.Option([], "--agreement", help="Agreement table(s), layout of the study's EM1*.csv."),
+    fidelity: list[Path] = typer.Option([], "--fidelity", help="Fidelity table(s), layout of the study's BLEU*.csv."),
+    joint: Optional[Path] = typer.Option(None, "--joint", help="Joint-correctness table (Teacher, Student, Method, task, both, teacher_only, student_only, neither)."),
+    title: str = typer.Option("kdscope report", "--title", help="Page title."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the bootstrap intervals."),
+) -> None:
+    """Render one self-contained HTML report (tables, tests, plots) and a Markdown twin."""
+    from .report import JOINT_COLUMNS, render_report
+    from .stats import read_side_tables, read_tables
+
+    path = render_report(read_tables(results), out, read_side_tables(agreement), read_side_tables(fidelity),
+                         read_side_tables([joint] if joint else [], JOINT_COLUMNS), title=title, seed=seed)
+    typer.echo(f"wrote {path} and {path.with_suffix('.md')}")
 
 
 def run() -> None:  # pragma: no cover - entry point for `python -m kdscope`

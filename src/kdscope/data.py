@@ -283,3 +283,25 @@ def load_hf_task(task_name: str, source: str, split: str = "validation") -> list
 def save_examples(examples: Iterable[Example], path: Path | str) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps([e.to_dict() for e in examples], indent=1), encoding="utf-8")
+
+
+SYNTHETIC_PREFIX = "synthetic:"
+
+
+def load_training_data(source: str | Path, seed: int = 0) -> list[Example]:
+    """Training examples from a study-format JSON/JSONL file, or ``synthetic:<domain>[:<n per task>]`` (built-in)."""
+    src = str(source)
+    if src.startswith(SYNTHETIC_PREFIX):
+        from .synthetic import DOMAIN_TASKS, generate_domain
+
+        domain, _, n = src.removeprefix(SYNTHETIC_PREFIX).partition(":")
+        if domain not in DOMAIN_TASKS:
+            raise InputError(f"{src}: unknown synthetic domain {domain!r}; use {' or '.join(DOMAIN_TASKS)}")
+        if n and not n.isdigit():
+            raise InputError(f"{src}: the item count must be an integer, e.g. synthetic:math:500")
+        return generate_domain(domain, int(n or 500), seed)
+    examples = load_examples(src)
+    for i, ex in enumerate(examples):
+        if not ex.output:
+            raise InputError(f"{where(src, i, 'output')}: empty; training needs the target response in 'output'")
+    return examples

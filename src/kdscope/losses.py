@@ -118,11 +118,11 @@ def divergence_rows(log_p: Tensor, log_q: Tensor, loss: str, beta: float, alpha:
 # The chunked engine: value and student gradient per chunk of rows, gradient kept, temporaries dropped.
 
 RowLoss = Callable[[Tensor, Tensor], Tensor]
-"""(float32 student rows [n, vocab] with requires_grad, their row ids [n]) -> per-row loss [n]."""
+"""(student rows [n, vocab] with requires_grad, their row ids [n]) -> per-row loss [n]."""
 
 
 class _ChunkedRowLoss(torch.autograd.Function):
-    """sum_r weights[r] * row_loss(student_flat[rows[r]]), with the gradient computed chunk by chunk in forward.
+    """scale * sum_r weights[r] * row_loss(student_flat[rows[r]]), the gradient computed chunk by chunk in forward.
 
     Computing the gradient eagerly (by autograd on one chunk at a time) is what bounds memory: backward only scales
     the stored gradient, so no chunk's probabilities are kept for it.
@@ -136,30 +136,37 @@ class _ChunkedRowLoss(torch.autograd.Function):
         weights: Tensor,
         row_loss: RowLoss,
         chunk_size: int,
+        scale: float,
     ) -> Tensor:
         wants_grad = ctx.needs_input_grad[0]
+        compute_dtype = torch.promote_types(student_flat.dtype, torch.float32)
         grad = torch.zeros_like(student_flat) if wants_grad else None
-        total = torch.zeros((), dtype=torch.float32, device=student_flat.device)
+        total = torch.zeros((), dtype=compute_dtype, device=student_flat.device)
         for start in range(0, rows.numel(), chunk_size):
             chunk_rows = rows[start : start + chunk_size]
             with torch.enable_grad():
-                chunk = student_flat.index_select(0, chunk_rows).float().requires_grad_(wants_grad)
-                chunk_total = (row_loss(chunk, chunk_rows) * weights[start : start + chunk_size]).sum()
+                chunk = student_flat.index_select(0, chunk_rows).to(compute_dtype).requires_grad_(wants_grad)
+                chunk_weights = weights[start : start + chunk_size].to(compute_dtype)
+                chunk_total = (row_loss(chunk, chunk_rows) * chunk_weights).sum() * scale
             if grad is not None:
                 (chunk_grad,) = torch.autograd.grad(chunk_total, chunk)
                 grad.index_copy_(0, chunk_rows, chunk_grad.to(grad.dtype))
             total += chunk_total.detach()
         ctx.grad = grad
+        ctx.applied_scale = 1.0
         return total
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: torch.autograd.function.FunctionCtx, grad_total: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        grad = ctx.grad
-        if grad is None:
-            raise RuntimeError("kdscope distillation loss: backward ran twice (retain_graph is not supported)")
-        ctx.grad = None  # scaled in place below, so a second backward must not reuse it
-        return grad.mul_(grad_total.to(grad.dtype)), None, None, None, None
+        # Scale the stored gradient in place rather than allocating a second [tokens, vocab] tensor; remembering the
+        # scale already applied keeps a repeated backward (retain_graph=True) correct.
+        scale = float(grad_total)
+        if ctx.applied_scale == 0.0:
+            raise RuntimeError("kdscope loss: cannot backward again after a backward with a zero output gradient")
+        ctx.grad.mul_(scale / ctx.applied_scale)
+        ctx.applied_scale = scale
+        return ctx.grad, None, None, None, None, None
 
 
 def _validate(loss: str, temperature: float, beta: float, alpha: float, chunk_size: int) -> None:
@@ -184,10 +191,10 @@ def _row_weights(mask: Tensor, reduction: Reduction) -> tuple[Tensor, Tensor, in
     mask = mask.to(torch.bool)
     rows = mask.reshape(-1).nonzero().squeeze(1)
     if reduction == "token_mean":
-        return rows, torch.ones(rows.numel(), dtype=torch.float32, device=mask.device), int(rows.numel())
+        return rows, torch.ones(rows.numel(), dtype=torch.float64, device=mask.device), int(rows.numel())
     if reduction == "sequence_mean":
         lengths = mask.sum(dim=1)
-        per_token = (1.0 / lengths.clamp(min=1).to(torch.float32)).unsqueeze(1).expand_as(mask).reshape(-1)
+        per_token = (1.0 / lengths.clamp(min=1).to(torch.float64)).unsqueeze(1).expand_as(mask).reshape(-1)
         return rows, per_token[rows], int((lengths > 0).sum())
     raise InputError(f"unknown reduction {reduction!r}: use 'token_mean' or 'sequence_mean'")
 
@@ -209,7 +216,7 @@ def _reduce_rows(
 ) -> LossParts:
     rows, weights, count = _row_weights(mask, reduction)
     student_flat = student_logits.reshape(-1, student_logits.shape[-1])
-    total = _ChunkedRowLoss.apply(student_flat, rows, weights * scale, row_loss, chunk_size)
+    total = _ChunkedRowLoss.apply(student_flat, rows, weights, row_loss, chunk_size, scale)
     return LossParts(total=total, count=count)
 
 
@@ -241,7 +248,7 @@ def distill_loss_parts(
     teacher_flat = teacher_logits.detach().reshape(-1, teacher_logits.shape[-1])
 
     def row_loss(student_rows: Tensor, rows: Tensor) -> Tensor:
-        log_p = F.log_softmax(teacher_flat.index_select(0, rows).float() / temperature, dim=-1)
+        log_p = F.log_softmax(teacher_flat.index_select(0, rows).to(student_rows.dtype) / temperature, dim=-1)
         log_q = F.log_softmax(student_rows / temperature, dim=-1)
         return divergence_rows(log_p, log_q, loss, beta, alpha)
 
@@ -293,12 +300,13 @@ def _sparse_log_probs(
     """Teacher and student log-probs over the teacher's top-k ids (plus a tail bucket for ``tail_bucket``)."""
     student_scaled = student_rows / temperature
     student_topk = student_scaled.gather(1, teacher_indices)
-    teacher_scaled = teacher_values.float() / temperature
+    teacher_scaled = teacher_values.to(student_rows.dtype) / temperature
     if tail == "renormalise":
         return F.log_softmax(teacher_scaled, dim=-1), F.log_softmax(student_topk, dim=-1)
     assert teacher_log_normalizer is not None  # checked by the caller
-    teacher_log_topk = teacher_scaled - teacher_log_normalizer.float().unsqueeze(1)
-    teacher_tail_mass = (1.0 - teacher_log_topk.double().exp().sum(-1)).clamp(min=TAIL_MASS_FLOOR).float()
+    teacher_log_topk = teacher_scaled - teacher_log_normalizer.to(student_rows.dtype).unsqueeze(1)
+    tail_mass = 1.0 - teacher_log_topk.double().exp().sum(-1)  # float64: 1 - sum loses the small tail in float32
+    teacher_tail_mass = tail_mass.clamp(min=TAIL_MASS_FLOOR).to(student_rows.dtype)
     student_log_norm = torch.logsumexp(student_scaled, dim=-1, keepdim=True)
     student_tail_logits = student_scaled.scatter(1, teacher_indices, float("-inf"))
     student_log_tail = torch.logsumexp(student_tail_logits, dim=-1, keepdim=True) - student_log_norm

@@ -40,6 +40,7 @@ METHOD_GROUPS = ("all", *KD_METHODS)
 ID_COLUMNS = ("Teacher", "Student", "Method")
 AVERAGE = "Average"
 SEED_COLUMN = "Seed"
+ITEM_COLUMNS = ("Teacher", "Student", "Method", "task", "item", "correct")
 CORRELATES = ("teacher_score", "student_size", "student_sft", "agreement", "fidelity")
 CONFIDENCE = 0.95
 N_BOOT = 10_000
@@ -146,6 +147,20 @@ def read_tables(paths: Iterable[Path], required: Sequence[str] = ID_COLUMNS) -> 
     if not frames:
         raise InputError("no input tables given; pass at least one result CSV")
     return pd.concat(frames, ignore_index=True)
+
+
+def read_side_tables(paths: Sequence[Path], required: Sequence[str] = ID_COLUMNS) -> pd.DataFrame | None:
+    """Concatenated agreement/fidelity/per-item/joint tables (CSV), or None when no path is given."""
+    frames = []
+    for path in map(Path, paths):
+        if not path.is_file():
+            raise InputError(f"{path}: no such file; check the path")
+        frame = pd.read_csv(path)
+        missing = [c for c in required if c not in frame.columns]
+        if missing:
+            raise InputError(f"{path}: missing column(s) {', '.join(missing)}; expected {', '.join(required)}")
+        frames.append(frame)
+    return pd.concat(frames, ignore_index=True) if frames else None
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -25,7 +25,8 @@ from pydantic import BaseModel, Field, model_validator
 
 from .data import Example, build_prompt
 from .errors import InputError
-from .losses import DIVERGENCES, distill_loss
+from .losses import LOSS_NAMES, cross_entropy_parts, distill_loss_parts, distill_loss_sparse
+from .signal import TeacherOutput, align_vocab
 from .models import LoraSettings, attach_lora, load_adapter, save_model
 
 Objective = Literal["sft", "kd", "gkd", "seqkd"]
@@ -49,6 +50,9 @@ class TrainSettings(BaseModel):
     sample_temperature: float = Field(1.0, gt=0, description="GKD on-policy sampling temperature")
     max_new_tokens: int = Field(64, ge=1, description="GKD / sequence-level KD generation length")
     noise_sigma: float = Field(0.0, ge=0, description="std of Gaussian noise added to teacher logits")
+    teacher_topk: int | None = Field(None, ge=1, description="keep only the teacher's top-k logits (None: dense)")
+    topk_tail: Literal["renormalise", "tail_bucket"] = "tail_bucket"
+    base_teacher: bool = Field(False, description="ablation: the teacher without its task adapter")
     lr: float = Field(3e-4, gt=0)
     weight_decay: float = 0.0
     warmup_steps: int = Field(100, ge=0)
@@ -69,8 +73,8 @@ class TrainSettings(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> "TrainSettings":
-        if self.objective != "sft" and self.loss not in DIVERGENCES:
-            raise ValueError(f"loss {self.loss!r} is not one of {', '.join(DIVERGENCES)}")
+        if self.objective != "sft" and self.loss not in LOSS_NAMES:
+            raise ValueError(f"loss {self.loss!r} is not one of {', '.join(LOSS_NAMES)}")
         return self
 
 
@@ -151,32 +155,12 @@ def split_validation(examples: Sequence[Example], val_size: int, seed: int) -> t
 # --------------------------------------------------------------------------------------------------------------------
 # Losses on a batch
 # --------------------------------------------------------------------------------------------------------------------
-TeacherFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-def _sums(per_token_mean: Callable[[torch.Tensor], torch.Tensor], mask: torch.Tensor, reduction: str) -> torch.Tensor:
-    """Sum of the per-unit losses of a micro-batch (unit = token or sequence), given a masked-mean function."""
-    if reduction == "token_mean":
-        return per_token_mean(mask) * mask.sum()
-    rows = [per_token_mean(_row_mask(mask, i)) for i in range(mask.shape[0]) if mask[i].any()]
-    return torch.stack(rows).sum() if rows else mask.new_zeros((), dtype=torch.float32)
-
-
-def _row_mask(mask: torch.Tensor, i: int) -> torch.Tensor:
-    out = torch.zeros_like(mask)
-    out[i] = mask[i]
-    return out
+TeacherFn = Callable[[torch.Tensor, torch.Tensor], TeacherOutput]  # e.g. kdscope.signal.OnlineTeacher
 
 
 def units(mask: torch.Tensor, reduction: str) -> int:
+    """How many units (tokens or sequences) a micro-batch contributes to its accumulation window's denominator."""
     return int(mask.sum()) if reduction == "token_mean" else int((mask.sum(-1) > 0).sum())
-
-
-def cross_entropy_mean(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy over masked positions (logits and targets already aligned)."""
-    ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="none")
-    m = mask.flatten().to(ce.dtype)
-    return (ce * m).sum() / m.sum().clamp(min=1)
 
 
 @dataclass
@@ -191,21 +175,34 @@ def batch_loss(
 ) -> StepLosses:
     """(1-w)*CE + w*KD of one micro-batch, as a share of the accumulation window (``denom`` units)."""
     logits = student(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
-    targets = batch.input_ids[:, 1:]
     mask = batch.loss_mask
     w = settings.kd_weight if settings.objective in ("kd", "gkd") else 0.0
-    ce_sum = _sums(lambda m: cross_entropy_mean(logits, targets, m), mask, settings.reduction)
-    kd_sum = logits.new_zeros(())
+    zero = logits.new_zeros(())
+    ce_sum = zero
+    if w < 1:  # the study's w = 1 needs no cross-entropy pass
+        ce_sum = cross_entropy_parts(logits, batch.input_ids[:, 1:], mask, reduction=settings.reduction).total
+    kd_sum = zero
     if w > 0:
         assert teacher is not None
-        t_logits = teacher(batch.input_ids, batch.attention_mask)[:, :-1]
-        kd_sum = _sums(
-            lambda m: distill_loss(logits, t_logits, m, loss=settings.loss, temperature=settings.temperature,
-                                   beta=settings.beta, alpha=settings.alpha, scale_by_t2=settings.scale_by_t2),
-            mask, settings.reduction,
-        )
+        kd_sum = _kd_sum(logits, teacher(batch.input_ids, batch.attention_mask), mask, settings)
     total = ((1 - w) * ce_sum + w * kd_sum) / max(denom, 1)
-    return StepLosses(total, float(ce_sum) / max(denom, 1), float(kd_sum) / max(denom, 1))
+    return StepLosses(total, float(ce_sum.detach()) / max(denom, 1), float(kd_sum.detach()) / max(denom, 1))
+
+
+def _kd_sum(logits: torch.Tensor, signal: TeacherOutput, mask: torch.Tensor, settings: TrainSettings) -> torch.Tensor:
+    """Sum of the KD divergence over the micro-batch's units, from a dense or a top-k teacher signal."""
+    kw = dict(loss=settings.loss, temperature=settings.temperature, beta=settings.beta, alpha=settings.alpha,
+              scale_by_t2=settings.scale_by_t2)
+    if signal.logits is not None:
+        t_logits = signal.logits[:, :-1]
+        if t_logits.shape[-1] != logits.shape[-1]:  # e.g. Qwen2.5-7B (152064) -> 0.5B (151936)
+            logits, t_logits = align_vocab(logits, t_logits)
+        return distill_loss_parts(logits, t_logits, mask, reduction=settings.reduction, **kw).total
+    if settings.reduction != "token_mean":
+        raise InputError("a top-k teacher signal supports reduction token_mean only")
+    mean = distill_loss_sparse(logits, signal.topk_values[:, :-1], signal.topk_indices[:, :-1], mask,
+                               teacher_log_normalizer=signal.topk_log_normalizer[:, :-1], tail=settings.topk_tail, **kw)
+    return mean * mask.sum()
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -264,7 +261,8 @@ def _trainable_state(model: Any) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone().contiguous() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def save_checkpoint(path: Path, model: Any, optimizer: Any, scheduler: Any, state: dict[str, Any]) -> None:
+def save_checkpoint(path: Path, model: Any, optimizer: Any, scheduler: Any, state: dict[str, Any],
+                    teacher: Any = None) -> None:
     """Weights as safetensors; optimizer/scheduler via torch.save (reloaded with weights_only=True); atomic rename."""
     from safetensors.torch import save_file
 
@@ -272,13 +270,14 @@ def save_checkpoint(path: Path, model: Any, optimizer: Any, scheduler: Any, stat
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_file(_trainable_state(model), str(tmp / "trainable.safetensors"))
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optim.pt")
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "teacher": teacher.state_dict() if hasattr(teacher, "state_dict") else None}, tmp / "optim.pt")
     (tmp / CHECKPOINT_STATE).write_text(json.dumps(state))
     shutil.rmtree(path, ignore_errors=True)
     tmp.rename(path)
 
 
-def load_checkpoint(path: Path, model: Any, optimizer: Any, scheduler: Any) -> dict[str, Any]:
+def load_checkpoint(path: Path, model: Any, optimizer: Any, scheduler: Any, teacher: Any = None) -> dict[str, Any]:
     from safetensors.torch import load_file
 
     weights = load_file(str(path / "trainable.safetensors"))
@@ -289,6 +288,8 @@ def load_checkpoint(path: Path, model: Any, optimizer: Any, scheduler: Any) -> d
     optim = torch.load(path / "optim.pt", weights_only=True)
     optimizer.load_state_dict(optim["optimizer"])
     scheduler.load_state_dict(optim["scheduler"])
+    if optim.get("teacher") is not None and hasattr(teacher, "load_state_dict"):
+        teacher.load_state_dict(optim["teacher"])  # the noise generator continues where it stopped
     return json.loads((path / CHECKPOINT_STATE).read_text())
 
 
@@ -405,7 +406,7 @@ def train(
     start, best_val, history = 0, None, []
     ckpt = latest_checkpoint(out) if resume else None
     if ckpt is not None:
-        state = load_checkpoint(ckpt, student, optimizer, scheduler)
+        state = load_checkpoint(ckpt, student, optimizer, scheduler, teacher)
         start, best_val, history = state["step"], state["best_val_loss"], state["history"]
         log.truncate_after(start)
     elif not resume:
@@ -428,7 +429,7 @@ def train(
             log.log(record)
         if done % settings.save_every == 0 or done == len(schedule) or done == stop_after:
             save_checkpoint(out / f"checkpoint-{done}", student, optimizer, scheduler,
-                            {"step": done, "best_val_loss": best_val, "history": history})
+                            {"step": done, "best_val_loss": best_val, "history": history}, teacher)
             _prune_checkpoints(out, keep=2)
         bar.update(1)
         bar.set_postfix(loss=f"{record['loss']:.4f}")
