@@ -292,7 +292,9 @@ def _json_prediction(pred: float | str) -> float | str | None:
     """Parsed answers for JSON: a missing answer (``inf`` / ``""``) is stored as null."""
     if isinstance(pred, float) and math.isinf(pred):
         return None
-    return pred or None if isinstance(pred, str) else pred
+    if isinstance(pred, str):
+        return pred or None
+    return pred
 
 
 def _select(examples: Sequence[Example], limit: int | None) -> list[Example]:
@@ -592,7 +594,14 @@ def _score_groups(model: Any, pad_id: int, groups: Sequence[_Group]) -> list[lis
         ids[r, width - len(g.context) :] = torch.tensor(g.context)
         mask[r, width - len(g.context) :] = 1
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    out = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device), use_cache=True)
+    # only the last context position is scored here: skipping the LM head elsewhere is much of the saving over lm-eval
+    out = model(
+        input_ids=ids.to(device),
+        attention_mask=mask.to(device),
+        position_ids=positions.to(device),
+        use_cache=True,
+        logits_to_keep=1,
+    )
     first = torch.log_softmax(out.logits[:, -1, :].float(), dim=-1)
 
     rows = [(r, cont) for r, g in enumerate(groups) for cont in g.continuations]

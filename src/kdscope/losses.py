@@ -117,12 +117,14 @@ def divergence_rows(log_p: Tensor, log_q: Tensor, loss: str, beta: float, alpha:
 # ----------------------------------------------------------------------------------------------------------------
 # The chunked engine: value and student gradient per chunk of rows, gradient kept, temporaries dropped.
 
-RowLoss = Callable[[Tensor, Tensor], Tensor]
-"""(student rows [n, vocab] with requires_grad, their row ids [n]) -> per-row loss [n]."""
+RowLoss = Callable[[Tensor, Tensor, Tensor], Tensor]
+"""(student rows [n, vocab] upcast to at least float32 with requires_grad, their batch ids [n], their positions [n])
+-> per-row loss [n]. Rows are gathered by (batch, position) so sliced, non-contiguous logits are never copied whole."""
 
 
 class _ChunkedRowLoss(torch.autograd.Function):
-    """scale * sum_r weights[r] * row_loss(student_flat[rows[r]]), the gradient computed chunk by chunk in forward.
+    """scale * sum_r weights[r] * row_loss(student[batch_ids[r], positions[r]]), the gradient computed chunk by chunk
+    in forward.
 
     Computing the gradient eagerly (by autograd on one chunk at a time) is what bounds memory: backward only scales
     the stored gradient, so no chunk's probabilities are kept for it.
@@ -131,26 +133,27 @@ class _ChunkedRowLoss(torch.autograd.Function):
     @staticmethod
     def forward(  # type: ignore[override]
         ctx: torch.autograd.function.FunctionCtx,
-        student_flat: Tensor,
-        rows: Tensor,
+        student: Tensor,
+        batch_ids: Tensor,
+        positions: Tensor,
         weights: Tensor,
         row_loss: RowLoss,
         chunk_size: int,
         scale: float,
     ) -> Tensor:
         wants_grad = ctx.needs_input_grad[0]
-        compute_dtype = torch.promote_types(student_flat.dtype, torch.float32)
-        grad = torch.zeros_like(student_flat) if wants_grad else None
-        total = torch.zeros((), dtype=compute_dtype, device=student_flat.device)
-        for start in range(0, rows.numel(), chunk_size):
-            chunk_rows = rows[start : start + chunk_size]
+        compute_dtype = torch.promote_types(student.dtype, torch.float32)
+        grad = torch.zeros(student.shape, dtype=student.dtype, device=student.device) if wants_grad else None
+        total = torch.zeros((), dtype=compute_dtype, device=student.device)
+        for start in range(0, batch_ids.numel(), chunk_size):
+            chunk_index = (batch_ids[start : start + chunk_size], positions[start : start + chunk_size])
             with torch.enable_grad():
-                chunk = student_flat.index_select(0, chunk_rows).to(compute_dtype).requires_grad_(wants_grad)
+                chunk = student[chunk_index].to(compute_dtype).requires_grad_(wants_grad)
                 chunk_weights = weights[start : start + chunk_size].to(compute_dtype)
-                chunk_total = (row_loss(chunk, chunk_rows) * chunk_weights).sum() * scale
+                chunk_total = (row_loss(chunk, *chunk_index) * chunk_weights).sum() * scale
             if grad is not None:
                 (chunk_grad,) = torch.autograd.grad(chunk_total, chunk)
-                grad.index_copy_(0, chunk_rows, chunk_grad.to(grad.dtype))
+                grad[chunk_index] = chunk_grad.to(grad.dtype)
             total += chunk_total.detach()
         ctx.grad = grad
         ctx.applied_scale = 1.0
@@ -166,7 +169,7 @@ class _ChunkedRowLoss(torch.autograd.Function):
             raise RuntimeError("kdscope loss: cannot backward again after a backward with a zero output gradient")
         ctx.grad.mul_(scale / ctx.applied_scale)
         ctx.applied_scale = scale
-        return ctx.grad, None, None, None, None, None
+        return ctx.grad, None, None, None, None, None, None
 
 
 def _validate(loss: str, temperature: float, beta: float, alpha: float, chunk_size: int) -> None:
@@ -182,20 +185,21 @@ def _validate(loss: str, temperature: float, beta: float, alpha: float, chunk_si
         raise InputError(f"chunk_size must be >= 1 token, got {chunk_size}")
 
 
-def _row_weights(mask: Tensor, reduction: Reduction) -> tuple[Tensor, Tensor, int]:
-    """Flat row ids of masked tokens, their weights inside ``total``, and ``count``.
+def _row_weights(mask: Tensor, reduction: Reduction) -> tuple[Tensor, Tensor, Tensor, int]:
+    """(batch ids, positions) of masked tokens, their weights inside ``total``, and ``count``.
 
     ``token_mean``: weight 1, count = masked tokens. ``sequence_mean`` (the study's aggregation: mean over the tokens
     of each sequence, then over sequences): weight 1/len(sequence), count = sequences with a masked token.
     """
     mask = mask.to(torch.bool)
-    rows = mask.reshape(-1).nonzero().squeeze(1)
+    batch_ids, positions = mask.nonzero(as_tuple=True)
     if reduction == "token_mean":
-        return rows, torch.ones(rows.numel(), dtype=torch.float64, device=mask.device), int(rows.numel())
+        ones = torch.ones(batch_ids.numel(), dtype=torch.float64, device=mask.device)
+        return batch_ids, positions, ones, int(batch_ids.numel())
     if reduction == "sequence_mean":
         lengths = mask.sum(dim=1)
-        per_token = (1.0 / lengths.clamp(min=1).to(torch.float64)).unsqueeze(1).expand_as(mask).reshape(-1)
-        return rows, per_token[rows], int((lengths > 0).sum())
+        per_sequence = 1.0 / lengths.clamp(min=1).to(torch.float64)
+        return batch_ids, positions, per_sequence[batch_ids], int((lengths > 0).sum())
     raise InputError(f"unknown reduction {reduction!r}: use 'token_mean' or 'sequence_mean'")
 
 
@@ -214,9 +218,8 @@ def _check_shapes(student_logits: Tensor, mask: Tensor, teacher_shape: torch.Siz
 def _reduce_rows(
     student_logits: Tensor, mask: Tensor, row_loss: RowLoss, reduction: Reduction, chunk_size: int, scale: float
 ) -> LossParts:
-    rows, weights, count = _row_weights(mask, reduction)
-    student_flat = student_logits.reshape(-1, student_logits.shape[-1])
-    total = _ChunkedRowLoss.apply(student_flat, rows, weights, row_loss, chunk_size, scale)
+    batch_ids, positions, weights, count = _row_weights(mask, reduction)
+    total = _ChunkedRowLoss.apply(student_logits, batch_ids, positions, weights, row_loss, chunk_size, scale)
     return LossParts(total=total, count=count)
 
 
@@ -245,10 +248,10 @@ def distill_loss_parts(
             f"teacher vocab width {teacher_logits.shape[-1]} != student {student_logits.shape[-1]}: "
             "use kdscope.signal.align_vocab first"
         )
-    teacher_flat = teacher_logits.detach().reshape(-1, teacher_logits.shape[-1])
+    teacher = teacher_logits.detach()
 
-    def row_loss(student_rows: Tensor, rows: Tensor) -> Tensor:
-        log_p = F.log_softmax(teacher_flat.index_select(0, rows).to(student_rows.dtype) / temperature, dim=-1)
+    def row_loss(student_rows: Tensor, batch_ids: Tensor, positions: Tensor) -> Tensor:
+        log_p = F.log_softmax(teacher[batch_ids, positions].to(student_rows.dtype) / temperature, dim=-1)
         log_q = F.log_softmax(student_rows / temperature, dim=-1)
         return divergence_rows(log_p, log_q, loss, beta, alpha)
 
@@ -355,16 +358,15 @@ def distill_loss_sparse(
         raise InputError("tail='tail_bucket' needs teacher_log_normalizer (the teacher's logsumexp at this temperature)")
     k = teacher_topk_values.shape[-1]
     effective_tail: TailMode = "renormalise" if k >= student_logits.shape[-1] else tail
-    values_flat = teacher_topk_values.detach().reshape(-1, k)
-    indices_flat = teacher_topk_indices.reshape(-1, k).long()
-    normalizer_flat = None if teacher_log_normalizer is None else teacher_log_normalizer.detach().reshape(-1)
+    values = teacher_topk_values.detach()
+    normalizer = None if teacher_log_normalizer is None else teacher_log_normalizer.detach()
 
-    def row_loss(student_rows: Tensor, rows: Tensor) -> Tensor:
+    def row_loss(student_rows: Tensor, batch_ids: Tensor, positions: Tensor) -> Tensor:
         log_p, log_q = _sparse_log_probs(
             student_rows,
-            values_flat.index_select(0, rows),
-            indices_flat.index_select(0, rows),
-            None if normalizer_flat is None else normalizer_flat.index_select(0, rows),
+            values[batch_ids, positions],
+            teacher_topk_indices[batch_ids, positions].long(),
+            None if normalizer is None else normalizer[batch_ids, positions],
             temperature,
             effective_tail,
         )
@@ -387,10 +389,8 @@ def cross_entropy_parts(
     _check_shapes(logits, mask, target_ids.shape, "target_ids")
     if chunk_size < 1:
         raise InputError(f"chunk_size must be >= 1 token, got {chunk_size}")
-    targets_flat = target_ids.reshape(-1).long()
-
-    def row_loss(student_rows: Tensor, rows: Tensor) -> Tensor:
-        targets = targets_flat.index_select(0, rows).unsqueeze(1)
+    def row_loss(student_rows: Tensor, batch_ids: Tensor, positions: Tensor) -> Tensor:
+        targets = target_ids[batch_ids, positions].long().unsqueeze(1)
         return (torch.logsumexp(student_rows, dim=-1, keepdim=True) - student_rows.gather(1, targets)).squeeze(1)
 
     return _reduce_rows(logits, mask, row_loss, reduction, chunk_size, 1.0)

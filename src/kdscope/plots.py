@@ -13,6 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.ticker import NullLocator  # noqa: E402
 from scipy import stats  # noqa: E402
 
 from .stats import AVERAGE, domain_columns, kd_method, teacher_name  # noqa: E402
@@ -37,8 +38,9 @@ def _domain_axes(n: int, height: float = 3.6) -> tuple[Figure, list[plt.Axes]]:
 
 
 def _method_legend(ax: plt.Axes) -> None:
+    """Method colours plus whatever labelled lines the axes already has (e.g. a fit)."""
     handles = [plt.Line2D([], [], marker="o", linestyle="", color=c, label=m) for m, c in METHOD_COLOURS.items()]
-    ax.legend(handles=handles, fontsize=8, frameon=False)
+    ax.legend(handles=handles + ax.get_legend_handles_labels()[0], fontsize=8, frameon=False)
 
 
 def _average_rows(configs: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
@@ -59,14 +61,14 @@ def gain_vs_size(configs: dict[str, pd.DataFrame]) -> Figure | None:
             fit = stats.linregress(x, data["improvement"])
             grid = np.linspace(x.min(), x.max(), 50)
             ax.plot(np.exp(grid), fit.intercept + fit.slope * grid, color="black", lw=1.5,
-                    label=f"fit: {fit.slope:.2f} per log-B, R²={fit.rvalue ** 2:.2f}")
-            ax.legend(fontsize=8, frameon=False, loc="upper right")
+                    label=f"fit: {fit.slope:.2f} pts per log(B), R²={fit.rvalue ** 2:.2f}")
         ax.axhline(0, color="grey", lw=0.8, ls=":")
         ax.set_xscale("log")
-        ax.set_xticks(sorted(data["student_size"].unique()))
-        ax.set_xticklabels([f"{s:g}B" for s in sorted(data["student_size"].unique())])
+        sizes = sorted(data["student_size"].unique())
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.set_xticks(sizes, [f"{s:g}B" for s in sizes])
         ax.set(title=f"{domain}: KD gain vs student size", xlabel="student size", ylabel="gain over SFT (Average, pts)")
-    _method_legend(axes[0])
+        _method_legend(ax)
     return fig
 
 
@@ -111,7 +113,7 @@ def gain_vs_pair_score(configs: dict[str, pd.DataFrame], score: str, label: str)
         ax.scatter(data[score], data["improvement"], c=data["method"].map(METHOD_COLOURS), s=18, alpha=0.75)
         rho = stats.spearmanr(data[score], data["improvement"])
         ax.axhline(0, color="grey", lw=0.8, ls=":")
-        ax.set(title=f"{domain}: gain vs {label} (Spearman ρ={rho.statistic:.2f}, all tasks)",
+        ax.set(title=f"{domain}: gain vs {label}\nSpearman ρ={rho.statistic:.2f} over all task points",
                xlabel=f"teacher-student {label} of the KD student (%)", ylabel="gain over SFT (pts)")
         _method_legend(ax)
     return fig
@@ -146,15 +148,19 @@ def task_gain_heatmap(configs: dict[str, pd.DataFrame]) -> Figure | None:
         tables[domain] = table[[c for c in table.columns if c != AVERAGE] + ([AVERAGE] if AVERAGE in table else [])]
     if not tables:
         return None
-    height = max(len(t) for t in tables.values()) * 0.24 + 1.6
-    fig, axes = plt.subplots(1, len(tables), figsize=(7.2 * len(tables), height), squeeze=False)
-    for ax, (domain, table) in zip(axes[0], tables.items()):
-        limit = float(np.nanmax(np.abs(table.to_numpy()))) or 1.0
-        image = ax.imshow(table.to_numpy(), cmap="RdBu", vmin=-limit, vmax=limit, aspect="auto")
-        ax.set_xticks(range(table.shape[1]), table.columns, rotation=45, ha="right", fontsize=8)
+    heights = [len(t) * 0.22 + 1.2 for t in tables.values()]
+    fig, axes = plt.subplots(len(tables), 1, figsize=(10, sum(heights)), squeeze=False,
+                             gridspec_kw={"height_ratios": heights})
+    for ax, (domain, table) in zip(axes[:, 0], tables.items()):
+        values = table.to_numpy()
+        # Colour limit at the 98th percentile of |gain| so one collapsed run does not wash out the rest.
+        limit = float(np.nanpercentile(np.abs(values), 98)) or 1.0
+        image = ax.imshow(values, cmap="RdBu", vmin=-limit, vmax=limit, aspect="auto")
+        ax.set_xticks(range(table.shape[1]), table.columns, rotation=30, ha="right", fontsize=8)
         ax.set_yticks(range(table.shape[0]), table.index, fontsize=7)
-        ax.set_title(f"{domain}: gain over SFT per task (pts)")
-        fig.colorbar(image, ax=ax, shrink=0.6)
+        ax.set_title(f"{domain}: gain over SFT per task (pts; colour clipped at ±{limit:.0f})")
+        fig.colorbar(image, ax=ax, shrink=0.8, pad=0.02)
+    fig.tight_layout()
     return fig
 
 

@@ -286,9 +286,18 @@ def cohens_dz_ci(x: np.ndarray, confidence: float = CONFIDENCE) -> tuple[float, 
     t_obs, df, root_n = d * math.sqrt(n), n - 1, math.sqrt(n)
 
     def ncp_for(tail: float) -> float:
-        # stats.nct.cdf(t_obs, df, ncp) decreases in ncp; bracket widely around the observed t.
-        span = 10.0 + 2 * abs(t_obs)
-        return optimize.brentq(lambda ncp: stats.nct.cdf(t_obs, df, ncp) - tail, t_obs - span, t_obs + span)
+        # nct.cdf(t_obs, df, ncp) decreases in ncp. Widen the bracket step by step: far-out ncp values make
+        # scipy's nct return NaN, so a fixed wide bracket fails for small df.
+        gap = lambda ncp: float(stats.nct.cdf(t_obs, df, ncp)) - tail  # noqa: E731
+        step = 1.0 + abs(t_obs) / 4
+        for k in range(1, 40):
+            low, high = t_obs - k * step, t_obs + k * step
+            g_low, g_high = gap(low), gap(high)
+            if math.isnan(g_low) or math.isnan(g_high):
+                return math.nan
+            if g_low > 0 > g_high:
+                return optimize.brentq(gap, low, high)
+        return math.nan
 
     alpha = 1 - confidence
     return d, ncp_for(1 - alpha / 2) / root_n, ncp_for(alpha / 2) / root_n
@@ -318,7 +327,11 @@ def kd_beats_sft(improvements: np.ndarray, seed: int) -> dict[str, object]:
     d, d_low, d_high = cohens_dz_ci(improvements)
     boot_low, boot_high = bootstrap_mean_ci(improvements, seed)
     nonzero = improvements[improvements != 0]
-    wilcoxon = stats.wilcoxon(nonzero, alternative="greater") if len(nonzero) > 0 else None
+    # As R's wilcox.test: exact null distribution for n < 50 without ties, else the tie-corrected normal
+    # approximation (scipy's default permutation test under ties is exact too but ~300x slower).
+    exact = len(nonzero) < 50 and len(np.unique(np.abs(nonzero))) == len(nonzero)
+    wilcoxon = stats.wilcoxon(nonzero, alternative="greater", method="exact" if exact else "approx") \
+        if len(nonzero) > 0 else None
     return {"test": "one-sample t (one-sided, > 0)", "statistic": float(t.statistic), "p_value": float(t.pvalue),
             "df": int(len(improvements) - 1), "mean": float(np.mean(improvements)), "cohens_dz": d,
             "dz_ci_low": d_low, "dz_ci_high": d_high, "boot_ci_low": boot_low, "boot_ci_high": boot_high,

@@ -466,7 +466,7 @@ def _train_step(student: Any, tokenizer: Any, encoded: list[Encoded], micro_batc
     for b in batches:
         parts = batch_loss(student, b, settings, teacher, denom)
         parts.total.backward()
-        loss += float(parts.total)
+        loss += float(parts.total.detach())
         ce += parts.ce
         kd += parts.kd
     grad_norm = None

@@ -1,0 +1,223 @@
+"""What each kind of study job does: pretrain, SFT, KD, evaluation, fidelity, analysis.
+
+A job reads its dependencies' outputs from ``<study>/jobs/<kind>-<key>/`` and returns a result dict (``rows`` by kind
+and per-item ``items`` go to the study store). Jobs are idempotent: a re-run after a kill continues the training
+checkpoint / evaluation JSONL that is already on disk.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from .data import Example, load_task, load_training_data
+from .study import Job, StudyStore
+
+TABLE_NAMES = {"math": "math_results.csv", "commonsense": "cs_results.csv"}
+SYNTHETIC_TEST_SEED_OFFSET = 10_000  # test items come from other seeds than training items
+
+
+def job_dir(root: Path, job: Job) -> Path:
+    return root / "jobs" / job.folder
+
+
+def run_job(job: Job, root: Path, store: StudyStore, progress: bool = True) -> dict[str, Any]:
+    runner = {"pretrain": _pretrain, "sft": _sft, "kd": _kd, "eval": _eval, "fidelity": _fidelity,
+              "analysis": _analysis}[job.kind]
+    out = job_dir(root, job)
+    out.mkdir(parents=True, exist_ok=True)
+    return runner(job, out, root, store, progress)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Models of a job
+# --------------------------------------------------------------------------------------------------------------------
+def _base_ref(job: Job, root: Path, model_key: str = "model", dep: str = "base") -> str:
+    """The base weights: the pretraining job's output when there is one, else the study's model reference."""
+    if dep in job.deps:
+        return str(job_dir(root, job.deps[dep]) / "final")
+    return job.params[model_key]
+
+
+def _load(base_ref: str, trained: Path | None, job: Job) -> tuple[Any, Any]:
+    from .models import load_model
+    from .train import load_trained
+
+    kwargs = {"device": job.params.get("device", "auto"), "trust_remote_code": job.params.get("trust_remote_code", False),
+              "seed": job.params.get("seed") or 0}
+    if trained is None:
+        return load_model(base_ref, **kwargs)
+    return load_trained(base_ref, trained, **kwargs)
+
+
+def _train_run(job: Job, out: Path, student_ref: str, examples: list[Example], settings: dict[str, Any],
+               progress: bool, teacher: Any = None, teacher_model: Any = None) -> dict[str, Any]:
+    from .train import TrainSettings, prepare_student, train
+
+    ts = TrainSettings(**settings)
+    student, tok = _load(student_ref, None, job)
+    result = train(prepare_student(student, ts), tok, examples, ts, out, teacher=teacher, teacher_model=teacher_model,
+                   resume=True, progress=progress)
+    last = result.history[-1] if result.history else {}
+    return {"steps": result.steps, "best_val_loss": result.best_val_loss, "final_loss": last.get("loss"),
+            "final_kd": last.get("kd")}
+
+
+def _pretrain(job: Job, out: Path, root: Path, store: StudyStore, progress: bool) -> dict[str, Any]:
+    p = job.params
+    examples = [ex for src in (p["data"], *p["extra_data"]) for ex in load_training_data(src, seed=p["seed"] + 1)]
+    settings = {"objective": "sft", "lora": None, "max_steps": p["steps"], "lr": p["lr"], "warmup_steps": 10,
+                "micro_batch_size": p["micro_batch_size"], "grad_accum": 1, "val_size": 0, "seed": p["seed"],
+                "save_every": max(1, p["steps"] // 4), "max_length": 256, "prompt_style": "study"}
+    return _train_run(job, out, p["model"], examples, settings, progress)
+
+
+def _sft(job: Job, out: Path, root: Path, store: StudyStore, progress: bool) -> dict[str, Any]:
+    p = job.params
+    return _train_run(job, out, _base_ref(job, root), load_training_data(p["train"], seed=p["seed"]), p["settings"],
+                      progress)
+
+
+def _kd(job: Job, out: Path, root: Path, store: StudyStore, progress: bool) -> dict[str, Any]:
+    from .signal import OnlineTeacher
+
+    p = job.params
+    teacher_base = _base_ref(job, root, "teacher", "teacher_base")
+    trained = None if p["base_teacher"] else job_dir(root, job.deps["teacher"]) / "final"
+    teacher_model, _ = _load(teacher_base, trained, job)
+    s = p["settings"]
+    signal = OnlineTeacher(teacher_model, topk=s.get("teacher_topk"), noise_sigma=s.get("noise_sigma", 0.0),
+                           seed=p["seed"], temperature=s.get("temperature", 1.0))
+    examples = load_training_data(p["train"], seed=p["seed"])
+    return _train_run(job, out, _base_ref(job, root, "student"), examples, s, progress, signal, teacher_model)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Evaluation
+# --------------------------------------------------------------------------------------------------------------------
+def task_examples(task: dict[str, Any], evaluation: dict[str, Any], seed: int) -> list[Example]:
+    """Test items of a task entry: the given data, or built-in generated items (from seeds unseen in training)."""
+    from .synthetic import GENERATORS, generate
+    from .tasks import get_task
+
+    name = get_task(task["task"]).name
+    if task.get("data"):
+        return load_task(name, task["data"], limit=evaluation.get("limit"))
+    if name not in GENERATORS:
+        raise ValueError(f"task {name} needs a data: path (only built-in generated tasks can omit it)")
+    return generate(name, evaluation.get("limit") or evaluation["synthetic_items"], seed + SYNTHETIC_TEST_SEED_OFFSET)
+
+
+def _eval(job: Job, out: Path, root: Path, store: StudyStore, progress: bool) -> dict[str, Any]:
+    from .eval import evaluate_generate, evaluate_loglik, generation_preset, read_done, summary_row
+
+    p = job.params
+    ev = p["evaluation"]
+    trained = job_dir(root, job.deps["trained"]) / "final" if "trained" in job.deps else None
+    model, tok = _load(_base_ref(job, root), trained, job)
+    model.eval()
+    settings = generation_preset(ev["preset"], max_new_tokens=ev.get("max_new_tokens"), batch_size=ev["batch_size"])
+    summaries, items = [], []
+    for task in p["tasks"]:
+        examples = task_examples(task, ev, seed=0)
+        path = out / f"{task['task']}.jsonl"
+        if ev["mode"] == "loglik":
+            summary = evaluate_loglik(model, tok, task["task"], examples, path, limit=ev.get("limit"),
+                                      batch_size=ev["batch_size"], progress=progress)
+        else:
+            summary = evaluate_generate(model, tok, task["task"], examples, settings, path,
+                                        prompt_style=ev["prompt_style"], limit=ev.get("limit"), progress=progress)
+        summaries.append(summary)
+        items.extend(read_done(path).values())
+    row = summary_row(summaries, student=p["student"], teacher=p["teacher"], method=p["method"])
+    if p["seed"] is not None:
+        row["Seed"] = p["seed"]
+    return {"rows": {"result": [row]}, "items": items, "accuracy": row["Average"]}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Fidelity and analysis
+# --------------------------------------------------------------------------------------------------------------------
+def _fidelity(job: Job, out: Path, root: Path, store: StudyStore, progress: bool) -> dict[str, Any]:
+    from .fidelity import compare_records
+
+    p = job.params
+    teacher_items = store.items(job.deps["teacher_eval"].key)
+    rows: dict[str, list[dict[str, Any]]] = {"agreement": [], "fidelity": [], "joint": []}
+    for method, student_job in (("SFT", job.deps["student_sft_eval"]), (p["method"], job.deps["student_eval"])):
+        tables = compare_records(teacher_items, store.items(student_job.key))
+        ident = {"Teacher": p["teacher"], "Student": p["student"], "Pair": f"{p['teacher']} -> {p['student']}",
+                 "Method": method}
+        rows["agreement"].append({**ident, **tables["agreement"]})
+        rows["fidelity"].append({**ident, **tables["bleu"]})
+        rows["joint"].extend({**ident, **j} for j in tables["joint"])
+    return {"rows": rows}
+
+
+def _frame(rows: list[dict[str, Any]]) -> pd.DataFrame | None:
+    if not rows:
+        return None
+    return pd.DataFrame([{k: v for k, v in r.items() if not k.startswith("_")} for r in rows])
+
+
+def study_tables(job: Job, store: StudyStore) -> dict[str, pd.DataFrame | None]:
+    """Result, agreement, fidelity and joint-correctness tables of the jobs an analysis depends on."""
+    keys = [d.key for d in job.deps.values()]
+    results = _frame(store.rows("result", keys))
+    return {
+        "results": results,
+        "agreement": _study_pairs(_frame(store.rows("agreement", keys))),
+        "fidelity": _study_pairs(_frame(store.rows("fidelity", keys))),
+        "joint": _frame(store.rows("joint", keys)),
+    }
+
+
+def _study_pairs(table: pd.DataFrame | None) -> pd.DataFrame | None:
+    """The study's EM1/BLEU layout has one SFT and one KD row per pair: keep each pair's SFT row and, as its KD row,
+    the KD student with the best mean value (other rows stay in the full table)."""
+    if table is None:
+        return None
+    sft = table[table["Method"] == "SFT"].drop_duplicates(["Teacher", "Student"])
+    kd = table[table["Method"] != "SFT"]
+    values = kd.drop(columns=["Teacher", "Student", "Pair", "Method"]).select_dtypes("number").mean(axis=1)
+    best = kd.assign(_v=values).sort_values("_v", ascending=False).drop_duplicates(["Teacher", "Student"])
+    return pd.concat([sft, best.drop(columns="_v").assign(Method="KD")], ignore_index=True)
+
+
+def _analysis(job: Job, out: Path, root: Path, store: StudyStore, progress: bool) -> dict[str, Any]:
+    import json
+
+    from .report import render_report
+    from .stats import analyse, json_ready
+
+    tables = study_tables(job, store)
+    results = tables["results"]
+    if results is None:
+        raise ValueError("no evaluation results to analyse")
+    exported = export_tables(store, job, root)
+    records = json_ready(analyse(results, tables["agreement"], tables["fidelity"], seed=0))
+    (root / "stats.json").write_text(json.dumps(records, indent=1))
+    report = render_report(results, root / "report.html", agreement=tables["agreement"], fidelity=tables["fidelity"],
+                           joint=tables["joint"], title=f"kdscope study: {job.params['study']}")
+    return {"report": str(report), "tables": [str(p) for p in exported], "n_records": len(records)}
+
+
+def export_tables(store: StudyStore, job: Job, root: Path) -> list[Path]:
+    """The study's CSV tables, one per domain, plus agreement / fidelity / joint-correctness tables."""
+    keys = [d.key for d in job.deps.values()]
+    written = []
+    for domain, name in TABLE_NAMES.items():
+        rows = [r for r in store.rows("result", keys) if r["_domain"] == domain]
+        frame = _frame(rows)
+        if frame is not None:
+            frame = frame.dropna(axis=1, how="all")
+            written.append(root / name)
+            frame.to_csv(written[-1], index=False)
+    for kind in ("agreement", "fidelity", "joint"):
+        frame = _frame(store.rows(kind, keys))
+        if frame is not None:
+            written.append(root / f"{kind}.csv")
+            frame.to_csv(written[-1], index=False)
+    return written

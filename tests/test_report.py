@@ -1,0 +1,127 @@
+"""`kdscope report`: one self-contained HTML page with every plot present and not blank, checked on the decoded
+images and on a headless-Chromium screenshot of the page; the Markdown twin beside it."""
+
+from __future__ import annotations
+
+import base64
+import io
+import re
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from conftest import require
+from kdscope.cli import app
+from kdscope.report import render_report
+
+CHROMIUM = Path("/usr/bin/chromium")
+PLOT_IDS = ("gain-vs-size", "accuracy-vs-temperature", "gain-vs-fidelity", "gain-vs-agreement", "gain-vs-teacher",
+            "task-heatmap", "joint-correctness")
+EMBEDDED_PNG = re.compile(r"<figure id='([\w-]+)'><img class='plot' alt='[^']*' src='data:image/png;base64,([^']+)'")
+
+
+def joint_table() -> pd.DataFrame:
+    """A small joint-correctness table in the layout `--joint` takes (counts per category)."""
+    return pd.DataFrame([
+        {"Teacher": "Qwen2.5-7B", "Student": "Qwen2.5-0.5B", "Method": "SFT", "task": "gsm8k", "both": 300,
+         "teacher_only": 500, "student_only": 60, "neither": 459},
+        {"Teacher": "Qwen2.5-7B", "Student": "Qwen2.5-0.5B", "Method": "student_KD_temp_2.0", "task": "gsm8k",
+         "both": 380, "teacher_only": 420, "student_only": 70, "neither": 449},
+    ])
+
+
+@pytest.fixture(scope="module")
+def report(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The report of both domains, through the CLI, with agreement, fidelity and joint tables."""
+    results = shared_data / "results"
+    out = tmp_path_factory.mktemp("report") / "report.html"
+    joint = out.with_name("joint.csv")
+    joint_table().to_csv(joint, index=False)
+    files = [results / f for f in ("math_results_main.csv", "llama_math_results.csv", "cs_results_main.csv",
+                                   "llama_cs_results.csv")]
+    args = ["report", *map(str, files), "--out", str(out), "--agreement", str(results / "EM1.csv"), "--agreement",
+            str(results / "EM1_cs.csv"), "--fidelity", str(results / "BLEU.csv"), "--joint", str(joint)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def embedded_images(page: str) -> dict[str, np.ndarray]:
+    return {key: np.asarray(Image.open(io.BytesIO(base64.b64decode(data))).convert("RGB"), dtype=float)
+            for key, data in EMBEDDED_PNG.findall(page)}
+
+
+def assert_not_blank(pixels: np.ndarray, what: str) -> None:
+    """A blank image is one colour; a plot has many pixels that differ clearly from the background."""
+    background = np.median(pixels.reshape(-1, 3), axis=0)
+    inked = (np.abs(pixels - background).sum(axis=2) > 60).mean()
+    assert pixels.std() > 10 and inked > 0.02, f"{what} looks blank (std {pixels.std():.1f}, inked {inked:.3f})"
+
+
+def test_every_plot_is_embedded_and_not_blank(report: Path) -> None:
+    page = report.read_text()
+    images = embedded_images(page)
+    assert tuple(images) == PLOT_IDS
+    for key, pixels in images.items():
+        assert pixels.shape[0] > 200 and pixels.shape[1] > 400, key
+        assert_not_blank(pixels, key)
+    # self-contained: nothing loaded from elsewhere
+    assert not re.search(r"(src|href)=['\"](https?:|//|file:)", page)
+    for heading in ("Headline tests", "Hypothesis tests: math", "Hypothesis tests: commonsense", "Results: math"):
+        assert heading in page
+    assert "p Holm" in page and "d_z" in page
+
+
+def test_markdown_twin_references_existing_images(report: Path) -> None:
+    markdown = report.with_suffix(".md").read_text()
+    links = re.findall(r"!\[[^\]]*\]\(([^)]+\.png)\)", markdown)
+    assert len(links) == len(PLOT_IDS)
+    for link in links:
+        assert_not_blank(np.asarray(Image.open(report.parent / link).convert("RGB"), dtype=float), link)
+    assert "| math | kd_beats_sft |" in markdown
+
+
+def test_chromium_screenshot_is_not_blank(report: Path, tmp_path: Path) -> None:
+    require(CHROMIUM.exists(), f"{CHROMIUM} is missing: install it with `apt-get install -y chromium`")
+    shot = tmp_path / "page.png"
+    subprocess.run([str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                    "--disable-component-update", "--disable-sync", "--no-first-run", f"--screenshot={shot}",
+                    "--window-size=1280,4000", report.resolve().as_uri()],
+                   check=True, capture_output=True, timeout=120)
+    pixels = np.asarray(Image.open(shot).convert("RGB"), dtype=float)
+    assert pixels.shape[:2] == (4000, 1280)
+    assert_not_blank(pixels, "page screenshot")
+    # The plots start within the first screens: the band below the headline table must hold plot ink too.
+    assert_not_blank(pixels[800:2400], "page screenshot, plot band")
+
+
+def test_missing_side_tables_are_said_on_the_page(tmp_path: Path) -> None:
+    """Without agreement, fidelity or joint tables the page says what is missing instead of drawing empty plots;
+    unknown method rows (kdscope ablations) are shown in the tables but left out of the tests."""
+    rows = [{"Teacher": "-", "Student": s, "Method": "SFT", "gsm8k": 30.0 + 10 * i, "SVAMP": 40.0 + 10 * i}
+            for i, s in enumerate(["M-0.5B", "M-1.5B", "M-7B"])]
+    gains = iter(np.linspace(-1, 6, 40))
+    for teacher, student in [("M-7B", "M-0.5B"), ("M-7B", "M-1.5B"), ("M-1.5B", "M-0.5B")]:
+        sft = next(r for r in rows if r["Student"] == student)
+        for label in ("KD", "RevKD", "GKD"):
+            for temp in (1.0, 2.0):
+                gain = next(gains)
+                rows.append({"Teacher": teacher, "Student": student, "Method": f"student_{label}_temp_{temp}",
+                             "gsm8k": sft["gsm8k"] + gain, "SVAMP": sft["SVAMP"] + gain / 2})
+    rows.append({"Teacher": "M-7B", "Student": "M-0.5B", "Method": "student_KD_noise_5.0_temp_1.0", "gsm8k": 3.0,
+                 "SVAMP": 4.0})
+    table = pd.DataFrame(rows)
+    table["Average"] = table[["gsm8k", "SVAMP"]].mean(axis=1)
+    out = render_report(table, tmp_path / "small.html", title="small study")
+    page = out.read_text()
+    assert set(embedded_images(page)) == {"gain-vs-size", "accuracy-vs-temperature", "gain-vs-teacher",
+                                          "task-heatmap"}
+    for missing in ("no fidelity table given", "no agreement table given", "no per-item or joint-correctness"):
+        assert missing in page
+    assert "student_KD_noise_5.0_temp_1.0" in page
+    assert "small study" in page and out.with_suffix(".md").exists()
