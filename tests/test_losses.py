@@ -88,7 +88,9 @@ def test_identical_inputs_give_zero(loss: str) -> None:
 @pytest.mark.parametrize("reduction", ["token_mean", "sequence_mean"])
 def test_matches_independent_formula(loss: str, temperature: float, reduction: str) -> None:
     student, teacher, mask = random_case(int(temperature * 10))
-    got = distill_loss(student, teacher, mask, loss=loss, temperature=temperature, beta=0.3, alpha=0.2, reduction=reduction)
+    got = distill_loss(
+        student, teacher, mask, loss=loss, temperature=temperature, beta=0.3, alpha=0.2, reduction=reduction
+    )
     want = reference_loss(
         student.numpy(), teacher.numpy(), mask.numpy(), loss, temperature, 0.3, 0.2, reduction == "sequence_mean"
     )
@@ -139,6 +141,18 @@ def test_gradient_matches_autograd_of_reference(loss: str) -> None:
     reference = (terms[loss]() * mask).sum() / mask.sum() * 1.5**2
     reference.backward()
     assert torch.allclose(logits.grad, reference_logits.grad, atol=1e-10)
+
+
+def test_sliced_logits_equal_contiguous_and_get_full_gradient() -> None:
+    """Callers may pass logits[:, :-1]; rows are gathered in place, so the result matches a contiguous copy."""
+    student, teacher, mask = random_case(16)
+    sliced = student.clone().requires_grad_(True)
+    value = distill_loss(sliced[:, :-1], teacher[:, :-1], mask[:, :-1], loss="reverse_kl", chunk_size=3)
+    value.backward()
+    copy = student[:, :-1].contiguous().requires_grad_(True)
+    distill_loss(copy, teacher[:, :-1].contiguous(), mask[:, :-1], loss="reverse_kl").backward()
+    assert torch.allclose(sliced.grad[:, :-1], copy.grad, atol=1e-12)
+    assert torch.all(sliced.grad[:, -1] == 0)
 
 
 def test_gradients_reach_student_only() -> None:

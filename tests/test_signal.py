@@ -183,7 +183,7 @@ def test_non_finite_teacher_logits_are_reported_with_positions() -> None:
     check_finite(logits[:, :2][:1], attention[:1, :2])
 
 
-def test_online_teacher_raises_on_nan_model_output(small_teacher: Qwen2ForCausalLM) -> None:
+def test_online_teacher_raises_on_nan_model_output() -> None:
     ids, attention = batch()
     broken = tiny_qwen(64, seed=5)
     with torch.no_grad():

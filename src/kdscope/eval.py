@@ -652,7 +652,11 @@ def score_choice_requests(
     """Summed log-likelihood of every choice of every item (lm-eval's ``loglikelihood`` values)."""
     groups = _groups(tokenizer, items, _model_max_length(model))
     scores: list[list[float]] = [[0.0] * len(reqs) for reqs in items]
-    order = sorted(range(len(groups)), key=lambda g: -len(groups[g].context))
+    # batches of similar continuation length: the choice pass (full LM head) is padded to its longest continuation
+    order = sorted(
+        range(len(groups)),
+        key=lambda g: (-max(len(c) for c in groups[g].continuations), -len(groups[g].context)),
+    )
     for start in range(0, len(order), batch_size):
         batch = [groups[g] for g in order[start : start + batch_size]]
         for group, values in zip(batch, _score_groups(model, _pad_id(tokenizer), batch)):

@@ -182,6 +182,13 @@ def load_tokenizer(ref: str, trust_remote_code: bool = False) -> Any:
     return tok
 
 
+def _quiet_transformers() -> None:
+    """Progress bars for loading/saving a few tensors only clutter kdscope's own progress output."""
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+
+
 def load_model(
     ref: str,
     *,
@@ -198,6 +205,7 @@ def load_model(
     """
     from transformers import AutoModelForCausalLM
 
+    _quiet_transformers()
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
     if ref.startswith(BUILTIN_PREFIX):

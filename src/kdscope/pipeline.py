@@ -70,7 +70,7 @@ def _pretrain(job: Job, out: Path, root: Path, store: StudyStore, progress: bool
     examples = [ex for src in (p["data"], *p["extra_data"]) for ex in load_training_data(src, seed=p["seed"] + 1)]
     settings = {"objective": "sft", "lora": None, "max_steps": p["steps"], "lr": p["lr"], "warmup_steps": 10,
                 "micro_batch_size": p["micro_batch_size"], "grad_accum": 1, "val_size": 0, "seed": p["seed"],
-                "save_every": max(1, p["steps"] // 4), "max_length": 256, "prompt_style": "study"}
+                "save_every": max(1, p["steps"] // 4), "max_length": 256, "prompt_style": p["prompt_style"]}
     return _train_run(job, out, p["model"], examples, settings, progress)
 
 

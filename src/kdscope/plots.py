@@ -49,7 +49,8 @@ def _average_rows(configs: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
 
 def gain_vs_size(configs: dict[str, pd.DataFrame]) -> Figure | None:
     """Average improvement against student size (log scale), with a least-squares fit on log size per domain."""
-    rows = _average_rows(configs)
+    rows = {d: r.dropna(subset=["student_size"]) for d, r in _average_rows(configs).items()}
+    rows = {d: r for d, r in rows.items() if not r.empty}
     if not rows:
         return None
     fig, axes = _domain_axes(len(rows))
@@ -179,9 +180,10 @@ def joint_correctness_bars(joint: pd.DataFrame | None) -> Figure | None:
         ax.barh(data["label"], shares[part], left=left, color=colour, label=part.replace("_", " "))
         left += shares[part].to_numpy()
     ax.invert_yaxis()
-    ax.set(xlabel="share of test items (%)", xlim=(0, 100), title="Joint correctness of teacher and student")
+    ax.set(xlabel="share of test items (%)", xlim=(0, 100))
+    ax.set_title("Joint correctness of teacher and student", pad=24)
     ax.tick_params(axis="y", labelsize=7)
-    ax.legend(ncol=4, fontsize=8, frameon=False, loc="upper center", bbox_to_anchor=(0.5, -0.12))
+    ax.legend(ncol=4, fontsize=8, frameon=False, loc="lower center", bbox_to_anchor=(0.5, 1.0))
     return fig
 
 

@@ -15,14 +15,15 @@ import pandas as pd
 
 from . import __version__
 from .plots import JOINT_PARTS, figures, png_bytes
-from .stats import (AVERAGE, HYPOTHESIS_TITLES, STUDY_HYPOTHESES, Analysis, domain_columns, effect_table,
-                    markdown_table, regression_table, run_analysis, seed_summary, study_table, SEED_COLUMN)
+from .stats import (AVERAGE, HYPOTHESIS_TITLES, SEED_COLUMN, STUDY_HYPOTHESES, Analysis, domain_columns,
+                    effect_table, markdown_table, regression_table, run_analysis, seed_summary, study_table)
 
 JOINT_COLUMNS = ("Teacher", "Student", "Method", "task", *JOINT_PARTS)
 CSS = """
 body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:0;background:#f6f7f9;color:#1d232b}
 main{max-width:1180px;margin:0 auto;padding:20px 28px 60px;background:#fff}
-h1{font-size:1.6rem;margin:.2em 0}h2{font-size:1.25rem;margin-top:2em;border-bottom:1px solid #dde1e6;padding-bottom:4px}
+h1{font-size:1.6rem;margin:.2em 0}
+h2{font-size:1.25rem;margin-top:2em;border-bottom:1px solid #dde1e6;padding-bottom:4px}
 h3{font-size:1.02rem;margin-top:1.4em}p,li{line-height:1.45}.meta{color:#5b6675;font-size:.88rem}
 .scroll{overflow-x:auto;margin:.6em 0}table{border-collapse:collapse;font-size:.8rem;white-space:nowrap}
 th,td{border:1px solid #dde1e6;padding:3px 7px;text-align:right}th{background:#eef1f5;position:sticky;top:0}
@@ -175,7 +176,8 @@ def _html_section(index: int, heading: str, intro: str, tables: list[tuple[str, 
     for name, table in tables:
         body = _html_table(table)
         if collapsed or len(table) > 40:
-            out.append(f"<details><summary>{html.escape(name or heading)} ({len(table)} rows)</summary>{body}</details>")
+            summary = f"{html.escape(name or heading)} ({len(table)} rows)"
+            out.append(f"<details><summary>{summary}</summary>{body}</details>")
         else:
             out.append((f"<h3>{html.escape(name)}</h3>" if name else "") + body)
     return "\n".join(out)

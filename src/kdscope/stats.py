@@ -47,7 +47,8 @@ N_BOOT = 10_000
 
 _KD_ROW = re.compile(r"^student_(KD|RevKD|GKD)_temp_(\d+(?:\.\d+)?)$")
 _BASE_TEACHER_ROW = re.compile(r"^student_KD_base_teacher_temp_(\d+(?:\.\d+)?)$")
-_SIZE = re.compile(r"(\d+(?:\.\d+)?)[bB]$")
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)([kKmMbB])$")
+_SIZE_UNIT = {"k": 1e-6, "m": 1e-3, "b": 1.0}  # suffix -> billions
 _STUDY_METHOD_NAME = {"KD": "SeqKD", "RevKD": "RevKD", "GKD": "GKD"}
 
 
@@ -75,11 +76,20 @@ def teacher_name(raw: str) -> str:
 
 
 def student_size(name: str) -> float:
-    """Parameter count in billions from a model name: ``Qwen2.5-0.5B`` -> 0.5, ``Llama-3.2-1B`` -> 1.0."""
+    """Parameter count in billions from a model name: ``Qwen2.5-0.5B`` -> 0.5, ``Llama-3.2-1B`` -> 1.0,
+    ``TinyQwen-35K`` -> 3.5e-5 (K and M suffixes name the built-in tiny models)."""
     match = _SIZE.search(str(name).split("/")[-1].split("-")[-1].strip())
     if match is None:
         raise InputError(f"cannot read a model size from student name {name!r}; name students like 'Qwen2.5-0.5B'")
-    return float(match.group(1))
+    return float(match.group(1)) * _SIZE_UNIT[match.group(2).lower()]
+
+
+def size_or_nan(name: str) -> float:
+    """Student size, NaN when the name carries none (e.g. a demo model): size tests then skip that row."""
+    try:
+        return student_size(name)
+    except InputError:
+        return math.nan
 
 
 def task_domain(column: str) -> str | None:
@@ -233,7 +243,7 @@ def configurations(results: pd.DataFrame, domain: str) -> pd.DataFrame:
     long = long.merge(sft.rename(columns={"model": "Teacher", "score": "teacher_score"}), on=["Teacher", "task"],
                       how="left")
     long["improvement"] = long["kd"] - long["student_sft"]
-    long["student_size"] = long["Student"].map(student_size)
+    long["student_size"] = long["Student"].map(size_or_nan)
     long.insert(0, "domain", domain)
     return long.dropna(subset=["improvement"]).reset_index(drop=True)
 
@@ -418,7 +428,7 @@ def regression_records(configs: pd.DataFrame) -> list[dict[str, object]]:
     import statsmodels.formula.api as smf
     from statsmodels.tools.sm_exceptions import ConvergenceWarning
 
-    data = configs[configs["task"] != AVERAGE].dropna(subset=["improvement", "teacher_score"]).copy()
+    data = configs[configs["task"] != AVERAGE].dropna(subset=["improvement", "teacher_score", "student_size"]).copy()
     if len(data) < 10 or data["task"].nunique() < 2 or data["method"].nunique() < 2:
         return []
     data["log_size"] = np.log(data["student_size"])
@@ -637,7 +647,8 @@ def markdown_report(records: list[dict[str, object]]) -> str:
             table = study_table(records, domain, hypothesis)
             if not table.empty:
                 parts += [f"\n### {HYPOTHESIS_TITLES[hypothesis]}\n\n", markdown_table(table)]
-        parts += ["\n### KD > SFT: effect sizes and adjusted p-values\n\n", markdown_table(effect_table(records, domain))]
+        parts += ["\n### KD > SFT: effect sizes and adjusted p-values\n\n",
+                  markdown_table(effect_table(records, domain))]
         parts += ["\n### Regression of improvement\n\n", markdown_table(regression_table(records, domain))]
     return "".join(parts)
 

@@ -233,7 +233,8 @@ def expand(study: Study) -> list[Job]:
             bases[entry.name] = add(Job("pretrain", f"pretrain {entry.name}", {
                 "model": entry.model, "name": entry.name, "steps": steps, "data": study.pretrain.data,
                 "extra_data": study.pretrain.extra_data, "lr": study.pretrain.lr,
-                "micro_batch_size": study.pretrain.micro_batch_size, "seed": study.seeds[0]})) if steps else None
+                "micro_batch_size": study.pretrain.micro_batch_size, "seed": study.seeds[0],
+                "prompt_style": study.training.common.get("prompt_style", "study")})) if steps else None
         for domain in study.domains:
             for entry in (*family.teachers, *family.students):
                 evals.append(add(_eval_job(study, domain, entry, "-", "BaseModel", None, bases[entry.name], None)))

@@ -31,7 +31,7 @@ PROPERTIES = (("heavier", 1), ("bigger", 2), ("faster", 3))
 
 def _add_sub(rng: random.Random) -> Example:
     name, item = rng.choice(NAMES), rng.choice(ITEMS)
-    a, b = rng.randint(2, 20), rng.randint(1, 9)
+    a, b = rng.randint(1, 9), rng.randint(1, 5)
     if rng.random() < 0.5:
         q = f"{name} has {a} {item}. {name} gets {b} more. How many {item} does {name} have now?"
         r = f"{name} has {a} {item} and gets {b} more, so {a} + {b} = {a + b}. The answer is {a + b}."
@@ -44,16 +44,16 @@ def _add_sub(rng: random.Random) -> Example:
 
 def _mult(rng: random.Random) -> Example:
     name, item = rng.choice(NAMES), rng.choice(ITEMS)
-    a, b = rng.randint(2, 9), rng.randint(2, 9)
+    a, b = rng.randint(2, 5), rng.randint(2, 5)
     q = f"{name} buys {a} boxes with {b} {item} in each box. How many {item} does {name} buy?"
     r = f"There are {a} boxes with {b} {item} each, so {a} * {b} = {a * b}. The answer is {a * b}."
     return Example(q, str(a * b), output=f"\nA: {r}")
 
 
 def _letter(rng: random.Random) -> Example:
-    a, b = rng.randint(2, 30), rng.randint(2, 30)
+    a, b = rng.randint(1, 9), rng.randint(1, 9)
     total = a + b
-    options = rng.sample([x for x in range(total - 8, total + 9) if x != total and x > 0], 4)
+    options = rng.sample([x for x in range(total - 6, total + 7) if x != total and x > 0], 4)
     slot = rng.randrange(5)
     options.insert(slot, total)
     letters = "ABCDE"

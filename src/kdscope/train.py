@@ -361,7 +361,9 @@ def prepare_student(model: Any, settings: TrainSettings) -> Any:
         for p in model.parameters():
             p.requires_grad_(True)
         return model
-    return attach_lora(model, settings.lora)
+    with torch.random.fork_rng(devices=[]):  # LoRA's A matrices are random: seed them so runs are reproducible
+        torch.manual_seed(settings.seed)
+        return attach_lora(model, settings.lora)
 
 
 def train(
