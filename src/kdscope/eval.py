@@ -26,7 +26,7 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Literal, Protocol, Sequence
+from typing import Any, Literal, Protocol, Sequence
 
 import torch
 from pydantic import BaseModel, Field
@@ -764,9 +764,3 @@ def write_summary_csv(path: Path | str, row: dict[str, Any]) -> Path:
         writer.writerow(row)
     return path
 
-
-def iter_records(out_jsonl: Path | str) -> Iterator[dict[str, Any]]:
-    """Records of a per-item JSONL file in index order."""
-    done = read_done(out_jsonl)
-    for i in sorted(done):
-        yield done[i]

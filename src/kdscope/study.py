@@ -14,10 +14,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import sqlite3
 import time
-import traceback
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -77,6 +75,8 @@ class Domain(_Strict):
     name: Literal["math", "commonsense"]
     train: str = Field(description="training data: study JSON/JSONL file or synthetic:<domain>[:n]")
     tasks: list[TaskEntry]
+    training: dict[str, Any] = Field(default_factory=dict, description="TrainSettings overrides for this domain, "
+                                     "e.g. {epochs: 4} for math as in the study")
 
 
 class Ablations(_Strict):
@@ -118,6 +118,7 @@ class Training(_Strict):
 
 class Executor(_Strict):
     kind: Literal["local", "ray"] = "local"
+    workers: int = Field(1, ge=1, description="local: jobs run at once, each in its own process (1: in-process)")
     address: str | None = Field(None, description="Ray cluster address; None starts a local Ray instance")
     cpus_per_job: float = 1.0
     gpus_per_job: float = 0.0
@@ -142,12 +143,15 @@ class Study(_Strict):
     def _check(self) -> "Study":
         from .train import TrainSettings
 
-        for part in ("common", "teacher_sft", "student_sft", "kd"):
+        parts = [(f"training.{p}", {**self.training.common, **getattr(self.training, p)})
+                 for p in ("common", "teacher_sft", "student_sft", "kd")]
+        parts += [(f"domains.{d.name}.training", {**self.training.common, **d.training}) for d in self.domains]
+        for where, values in parts:
             try:
-                TrainSettings(**{**self.training.common, **getattr(self.training, part)})
+                TrainSettings(**values)
             except ValidationError as e:
                 err = e.errors()[0]
-                raise ValueError(f"training.{part}.{'.'.join(map(str, err['loc']))}: {err['msg']}") from None
+                raise ValueError(f"{where}.{'.'.join(map(str, err['loc']))}: {err['msg']}") from None
         if any(t <= 0 for t in self.temperatures):
             raise ValueError("temperatures must all be > 0")
         return self
@@ -205,15 +209,15 @@ class Job:
         return f"{self.kind}-{self.key}"
 
 
-def _settings(study: Study, part: str, **extra: Any) -> dict[str, Any]:
+def _settings(study: Study, domain: Domain, part: str, **extra: Any) -> dict[str, Any]:
     lora = study.training.lora.model_dump() if study.training.lora else None
-    return {**study.training.common, **getattr(study.training, part), "lora": lora, **extra}
+    return {**study.training.common, **domain.training, **getattr(study.training, part), "lora": lora, **extra}
 
 
 def _sft_job(study: Study, entry: ModelEntry, domain: Domain, seed: int, base: "Job | None", teacher: bool) -> Job:
     part = "teacher_sft" if teacher else "student_sft"
     params = {"model": entry.model, "name": entry.name, "train": domain.train, "seed": seed,
-              "settings": _settings(study, part, objective="sft", seed=seed), "device": study.device,
+              "settings": _settings(study, domain, part, objective="sft", seed=seed), "device": study.device,
               "trust_remote_code": entry.trust_remote_code}
     return Job("sft", f"SFT {entry.name} {domain.name} seed {seed}", params, {"base": base} if base else {})
 
@@ -248,7 +252,7 @@ def expand(study: Study) -> list[Job]:
                     evals.append(add(_eval_job(study, domain, student, "-", "SFT", sft, bases[student.name], seed)))
                 for teacher in family.teachers:
                     for student in family.students:
-                        if student.name == teacher.name:
+                        if not teacher_larger(teacher, student):
                             continue
                         for kd in _kd_variants(study):
                             job = add(_kd_job(study, domain, seed, teacher, student, kd, teacher_sft[teacher.name],
@@ -259,6 +263,19 @@ def expand(study: Study) -> list[Job]:
     fidelity = _fidelity_jobs(study, evals)
     analysis = Job("analysis", "statistics and report", {"study": study.name}, {e.key: e for e in evals + fidelity})
     return ordered + fidelity + [analysis]
+
+
+def teacher_larger(teacher: ModelEntry, student: ModelEntry) -> bool:
+    """The study distils only into smaller students; sizes come from the names (e.g. Qwen2.5-7B), and a pair whose
+    sizes cannot be read is kept unless it is the same model."""
+    from .stats import student_size
+
+    if teacher.name == student.name:
+        return False
+    try:
+        return student_size(teacher.name) > student_size(student.name)
+    except InputError:
+        return True
 
 
 def _kd_variants(study: Study) -> list[dict[str, Any]]:
@@ -280,7 +297,7 @@ def _kd_variants(study: Study) -> list[dict[str, Any]]:
 def _kd_job(study: Study, domain: Domain, seed: int, teacher: ModelEntry, student: ModelEntry, kd: dict[str, Any],
             teacher_sft: Job, teacher_base: Job | None, student_base: Job | None) -> Job:
     method = METHODS[kd["method"]]
-    settings = _settings(study, "kd", objective=method["objective"], loss=method["loss"], temperature=kd["temperature"],
+    settings = _settings(study, domain, "kd", objective=method["objective"], loss=method["loss"], temperature=kd["temperature"],
                          noise_sigma=kd.get("noise_sigma", 0.0), seed=seed)
     base_teacher = kd.get("base_teacher", False)
     params = {"student": student.model, "teacher": teacher.model, "train": domain.train, "seed": seed,
@@ -433,50 +450,11 @@ def study_dir(study: Study, out: str | Path | None) -> Path:
 def run_study(study: Study, out: str | Path | None = None, progress: bool = True,
               log: Callable[[str], None] = print) -> RunSummary:
     """Run every job that is not done yet; a failed job is reported and blocks only its dependents."""
-    from .pipeline import run_job
+    from .executors import make_backend, run_jobs
 
     root = study_dir(study, out)
     root.mkdir(parents=True, exist_ok=True)
-    if study.threads:
-        import torch
-
-        torch.set_num_threads(study.threads)
     (root / "study.json").write_text(study.model_dump_json(indent=1))
     store = StudyStore(root / "study.sqlite")
-    jobs = expand(study)
-    summary = RunSummary(out_dir=root)
-    if study.executor.kind == "ray":
-        from .scaleout import run_with_ray
-
-        return run_with_ray(study, jobs, store, root, summary, log)
-    bad: set[str] = set()
-    for i, job in enumerate(jobs, 1):
-        if store.status(job.key) == "done":
-            summary.skipped.append(job.key)
-            continue
-        if any(d.key in bad for d in job.deps.values()):
-            bad.add(job.key)
-            summary.blocked.append(job.key)
-            store.mark(job, "blocked", "a job it depends on failed")
-            continue
-        log(f"[{i}/{len(jobs)}] {job.name}")
-        store.mark(job, "running")
-        try:
-            result = run_job(job, root, store, progress)
-        except Exception as e:  # a failed job must not stop independent jobs
-            err = f"{type(e).__name__}: {e}"
-            store.mark(job, "failed", err + "\n" + traceback.format_exc(limit=5))
-            summary.failed[job.key] = err
-            bad.add(job.key)
-            log(f"  failed: {err}")
-            continue
-        store.complete(job, result)
-        summary.ran.append(job.key)
-    return summary
-
-
-def clean_outputs(root: Path, keep: set[str]) -> None:
-    """Remove job folders of jobs that are no longer part of the study."""
-    for folder in (root / "jobs").glob("*-*") if (root / "jobs").is_dir() else []:
-        if folder.name.split("-", 1)[1] not in keep:
-            shutil.rmtree(folder, ignore_errors=True)
+    backend = make_backend(study, root, progress)
+    return run_jobs(expand(study), store, backend, RunSummary(out_dir=root), log)

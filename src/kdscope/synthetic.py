@@ -14,19 +14,13 @@ from .data import Example
 
 NAMES = ("Tom", "Ann", "Sam", "Mia", "Leo", "Zoe", "Ben", "Eva", "Max", "Ivy")
 ITEMS = ("apples", "books", "coins", "pens", "cards", "shells", "stamps", "cups")
-# (object, weight rank, size rank, speed rank): a tiny world the commonsense tasks ask about.
-OBJECTS = (
-    ("a feather", 0, 1, 1),
-    ("a coin", 1, 0, 0),
-    ("an apple", 2, 2, 0),
-    ("a cat", 3, 3, 4),
-    ("a dog", 4, 4, 5),
-    ("a horse", 6, 6, 7),
-    ("a car", 7, 7, 8),
-    ("an elephant", 8, 8, 6),
-    ("a truck", 9, 9, 7),
-)
-PROPERTIES = (("heavier", 1), ("bigger", 2), ("faster", 3))
+# A tiny world for the commonsense tasks: which category each object belongs to.
+CATEGORIES: dict[str, tuple[str, ...]] = {
+    "an animal": ("a cat", "a dog", "a horse", "an elephant"),
+    "a vehicle": ("a car", "a truck", "a bike", "a bus"),
+    "a food": ("an apple", "some bread", "a cake", "some rice"),
+    "a tool": ("a hammer", "a saw", "a drill", "a spoon"),
+}
 
 
 def _add_sub(rng: random.Random) -> Example:
@@ -34,11 +28,11 @@ def _add_sub(rng: random.Random) -> Example:
     a, b = rng.randint(1, 9), rng.randint(1, 5)
     if rng.random() < 0.5:
         q = f"{name} has {a} {item}. {name} gets {b} more. How many {item} does {name} have now?"
-        r = f"{name} has {a} {item} and gets {b} more, so {a} + {b} = {a + b}. The answer is {a + b}."
+        r = f"{a} + {b} = {a + b}. The answer is {a + b}."
         return Example(q, str(a + b), output=f"\nA: {r}")
     a = a + b
     q = f"{name} has {a} {item}. {name} gives away {b}. How many {item} are left?"
-    r = f"{name} has {a} {item} and gives away {b}, so {a} - {b} = {a - b}. The answer is {a - b}."
+    r = f"{a} - {b} = {a - b}. The answer is {a - b}."
     return Example(q, str(a - b), output=f"\nA: {r}")
 
 
@@ -46,7 +40,7 @@ def _mult(rng: random.Random) -> Example:
     name, item = rng.choice(NAMES), rng.choice(ITEMS)
     a, b = rng.randint(2, 5), rng.randint(2, 5)
     q = f"{name} buys {a} boxes with {b} {item} in each box. How many {item} does {name} buy?"
-    r = f"There are {a} boxes with {b} {item} each, so {a} * {b} = {a * b}. The answer is {a * b}."
+    r = f"{a} * {b} = {a * b}. The answer is {a * b}."
     return Example(q, str(a * b), output=f"\nA: {r}")
 
 
@@ -64,25 +58,25 @@ def _letter(rng: random.Random) -> Example:
 
 
 def _compare(rng: random.Random) -> Example:
-    prop, col = rng.choice(PROPERTIES)
+    category = rng.choice(list(CATEGORIES))
     k = rng.randint(2, 4)
-    objs = rng.sample(OBJECTS, k)
-    while len({o[col] for o in objs}) < k:
-        objs = rng.sample(OBJECTS, k)
-    best = max(range(k), key=lambda i: objs[i][col])
-    options = " ".join(f"Answer{i + 1}: {o[0]}" for i, o in enumerate(objs))
+    others = [o for c, objs in CATEGORIES.items() if c != category for o in objs]
+    options = rng.sample(others, k - 1)
+    best = rng.randrange(k)
+    options.insert(best, rng.choice(CATEGORIES[category]))
+    listed = " ".join(f"Answer{i + 1}: {o}" for i, o in enumerate(options))
     fmt = "/".join(f"answer{i + 1}" for i in range(k))
-    q = f"Please choose the correct answer to the question: Which one is {prop}?\n\n{options}\n\nAnswer format: {fmt}"
+    q = f"Please choose the correct answer to the question: Which one is {category}?\n\n{listed}\n\nAnswer format: {fmt}"
     return Example(q, f"answer{best + 1}", output=f"the correct answer is answer{best + 1}")
 
 
 def _truefalse(rng: random.Random) -> Example:
-    prop, col = rng.choice(PROPERTIES)
-    x, y = rng.sample(OBJECTS, 2)
-    while x[col] == y[col]:
-        x, y = rng.sample(OBJECTS, 2)
-    answer = "true" if x[col] > y[col] else "false"
-    q = f"Please answer the following question with true or false, question: is {x[0]} {prop} than {y[0]}?\n\nAnswer format: true/false"
+    category = rng.choice(list(CATEGORIES))
+    holds = rng.random() < 0.5
+    pool = CATEGORIES[category] if holds else [o for c, objs in CATEGORIES.items() if c != category for o in objs]
+    answer = "true" if holds else "false"
+    q = (f"Please answer the following question with true or false, question: is {rng.choice(pool)} {category}?"
+         "\n\nAnswer format: true/false")
     return Example(q, answer, output=f"the correct answer is {answer}")
 
 
