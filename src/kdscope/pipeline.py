@@ -140,19 +140,28 @@ def _eval(job: Job, out: Path, root: Path, store: StudyStore, progress: bool) ->
 # --------------------------------------------------------------------------------------------------------------------
 # Fidelity and analysis
 # --------------------------------------------------------------------------------------------------------------------
+def _by_task(items: list[dict[str, Any]]) -> dict[str, dict[int, dict[str, Any]]]:
+    grouped: dict[str, dict[int, dict[str, Any]]] = {}
+    for rec in items:
+        grouped.setdefault(rec["task"], {})[rec["index"]] = rec
+    return grouped
+
+
 def _fidelity(job: Job, out: Path, root: Path, store: StudyStore, progress: bool) -> dict[str, Any]:
-    from .fidelity import compare_records
+    """Agreement (EM1 layout), rationale BLEU (BLEU layout) and joint correctness of the SFT and the KD student."""
+    from .fidelity import TABLES, compare_task, table_row
 
     p = job.params
-    teacher_items = store.items(job.deps["teacher_eval"].key)
+    teacher = _by_task(store.items(job.deps["teacher_eval"].key))
     rows: dict[str, list[dict[str, Any]]] = {"agreement": [], "fidelity": [], "joint": []}
     for method, student_job in (("SFT", job.deps["student_sft_eval"]), (p["method"], job.deps["student_eval"])):
-        tables = compare_records(teacher_items, store.items(student_job.key))
-        ident = {"Teacher": p["teacher"], "Student": p["student"], "Pair": f"{p['teacher']} -> {p['student']}",
-                 "Method": method}
-        rows["agreement"].append({**ident, **tables["agreement"]})
-        rows["fidelity"].append({**ident, **tables["bleu"]})
-        rows["joint"].extend({**ident, **j} for j in tables["joint"])
+        student = _by_task(store.items(student_job.key))
+        results = {task: compare_task(task, teacher[task], student[task]) for task in teacher if task in student}
+        for kind, table in (("agreement", "agreement"), ("fidelity", "bleu_corpus")):
+            measure, scale = TABLES[table]
+            rows[kind].append(table_row(results, measure, scale, p["teacher"], p["student"], method))
+        rows["joint"].extend({"Teacher": p["teacher"], "Student": p["student"], "Method": method, "task": task,
+                              **res["joint"]} for task, res in results.items())
     return {"rows": rows}
 
 
