@@ -250,7 +250,7 @@ def stats_cmd(
 @app.command("report")
 @user_errors
 def report_cmd(
-    results: list[Path] = typer.Argument(..., help="Result tables in the study's CSV layout."),
+    results: list[Path] = typer.Argument(..., help="Result tables in the study's CSV layout, or a study folder."),
     out: Path = typer.Option(Path("report.html"), "--out", help="HTML file to write; the Markdown twin goes beside it."),
     agreement: list[Path] = typer.Option([], "--agreement", help="Agreement table(s), layout of the study's EM1*.csv."),
     fidelity: list[Path] = typer.Option([], "--fidelity", help="Fidelity table(s), layout of the study's BLEU*.csv."),
@@ -258,10 +258,18 @@ def report_cmd(
     title: str = typer.Option("kdscope report", "--title", help="Page title."),
     seed: int = typer.Option(0, "--seed", help="Seed of the bootstrap intervals."),
 ) -> None:
-    """Render one self-contained HTML report (tables, tests, plots) and a Markdown twin."""
+    """Render one self-contained HTML report (tables, tests, plots) and a Markdown twin.
+
+    Given a study folder (with study.sqlite), the report is rendered from the study's store."""
     from .report import JOINT_COLUMNS, render_report
     from .stats import read_side_tables, read_tables
 
+    if len(results) == 1 and (results[0] / "study.sqlite").is_file():
+        from .pipeline import report_from_store
+
+        path = report_from_store(results[0], out, seed=seed)
+        typer.echo(f"wrote {path} and {path.with_suffix('.md')}")
+        return
     path = render_report(read_tables(results), out, read_side_tables(agreement), read_side_tables(fidelity),
                          read_side_tables([joint] if joint else [], JOINT_COLUMNS), title=title, seed=seed)
     typer.echo(f"wrote {path} and {path.with_suffix('.md')}")

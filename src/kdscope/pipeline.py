@@ -70,7 +70,8 @@ def _pretrain(job: Job, out: Path, root: Path, store: StudyStore, progress: bool
     examples = [ex for src in (p["data"], *p["extra_data"]) for ex in load_training_data(src, seed=p["seed"] + 1)]
     settings = {"objective": "sft", "lora": None, "max_steps": p["steps"], "lr": p["lr"], "warmup_steps": 10,
                 "micro_batch_size": p["micro_batch_size"], "grad_accum": 1, "val_size": 0, "seed": p["seed"],
-                "save_every": max(1, p["steps"] // 4), "max_length": 256, "prompt_style": p["prompt_style"]}
+                "save_every": max(1, p["steps"] // 4), "max_length": 256, "prompt_style": p["prompt_style"],
+                "token_mask": p["token_mask"]}
     return _train_run(job, out, p["model"], examples, settings, progress)
 
 
@@ -211,6 +212,23 @@ def _analysis(job: Job, out: Path, root: Path, store: StudyStore, progress: bool
     report = render_report(results, root / "report.html", agreement=tables["agreement"], fidelity=tables["fidelity"],
                            joint=tables["joint"], title=f"kdscope study: {job.params['study']}")
     return {"report": str(report), "tables": [str(p) for p in exported], "n_records": len(records)}
+
+
+def report_from_store(root: Path, out: Path, seed: int = 0) -> Path:
+    """Render the report of a study folder from its store (the study's last `kdscope run` defines its jobs)."""
+    from .errors import InputError
+    from .report import render_report
+    from .study import Study, expand
+
+    spec = root / "study.json"
+    if not spec.is_file():
+        raise InputError(f"{root}: no study.json; give the folder a `kdscope run` wrote")
+    study = Study.model_validate_json(spec.read_text())
+    tables = study_tables(expand(study)[-1], StudyStore(root / "study.sqlite"))
+    if tables["results"] is None:
+        raise InputError(f"{root}: no evaluation results yet; run the study first")
+    return render_report(tables["results"], out, agreement=tables["agreement"], fidelity=tables["fidelity"],
+                         joint=tables["joint"], title=f"kdscope study: {study.name}", seed=seed)
 
 
 def export_tables(store: StudyStore, job: Job, root: Path) -> list[Path]:

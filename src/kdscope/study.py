@@ -104,6 +104,7 @@ class Pretrain(_Strict):
     extra_data: list[str] = Field(default_factory=lambda: ["synthetic:commonsense:400"])
     lr: float = 3e-3
     micro_batch_size: int = 16
+    token_mask: Literal["all", "response"] = "all"
 
 
 class Training(_Strict):
@@ -238,7 +239,8 @@ def expand(study: Study) -> list[Job]:
                 "model": entry.model, "name": entry.name, "steps": steps, "data": study.pretrain.data,
                 "extra_data": study.pretrain.extra_data, "lr": study.pretrain.lr,
                 "micro_batch_size": study.pretrain.micro_batch_size, "seed": study.seeds[0],
-                "prompt_style": study.training.common.get("prompt_style", "study")})) if steps else None
+                "prompt_style": study.training.common.get("prompt_style", "study"),
+                "token_mask": study.pretrain.token_mask})) if steps else None
         for domain in study.domains:
             for entry in (*family.teachers, *family.students):
                 evals.append(add(_eval_job(study, domain, entry, "-", "BaseModel", None, bases[entry.name], None)))

@@ -28,6 +28,7 @@ from .errors import InputError
 from .losses import LOSS_NAMES, cross_entropy_parts, distill_loss_parts, distill_loss_sparse
 from .signal import TeacherOutput, align_vocab
 from .models import LoraSettings, attach_lora, load_adapter, save_model
+from .distributed import SINGLE, DistContext, check_window
 
 Objective = Literal["sft", "kd", "gkd", "seqkd"]
 
@@ -377,17 +378,22 @@ def train(
     resume: bool = True,
     progress: bool = True,
     stop_after: int | None = None,
+    dist: DistContext = SINGLE,
 ) -> TrainResult:
     """Train ``student`` (already wrapped by `prepare_student`) and save the best weights to ``out_dir/final``.
 
     ``teacher`` maps (input_ids, attention_mask) to teacher logits aligned with the student's vocabulary (see
     kdscope.signal); required for kd/gkd. ``teacher_model`` generates responses for seqkd. ``stop_after`` ends the
     run early after that many steps (used to test resumption); the checkpoint then allows ``resume``.
+
+    ``dist`` (from `kdscope.distributed.init_distributed`) makes this one rank of a data-parallel run: every rank
+    calls `train` with the same arguments, runs its share of each window and steps identically; rank 0 writes.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if settings.objective in ("kd", "gkd") and settings.kd_weight > 0 and teacher is None:
         raise InputError(f"objective {settings.objective} needs a teacher; give --teacher")
+    check_window(settings.grad_accum, dist)
     train_set, val_set = split_validation(examples, settings.val_size, settings.seed)
     responses = None
     if settings.objective == "seqkd":
@@ -403,33 +409,35 @@ def train(
     params = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
     scheduler = linear_warmup_decay(optimizer, settings.warmup_steps, len(schedule))
-    log = MetricLog(out / "metrics.jsonl", settings.report_to, out.name, settings.model_dump())
+    log = MetricLog(out / "metrics.jsonl", settings.report_to, out.name, settings.model_dump()) if dist.is_main else None
 
     start, best_val, history = 0, None, []
     ckpt = latest_checkpoint(out) if resume else None
     if ckpt is not None:
         state = load_checkpoint(ckpt, student, optimizer, scheduler, teacher)
         start, best_val, history = state["step"], state["best_val_loss"], state["history"]
-        log.truncate_after(start)
-    elif not resume:
+        if log is not None:
+            log.truncate_after(start)
+    elif not resume and dist.is_main:
         (out / "metrics.jsonl").unlink(missing_ok=True)
 
-    bar = _progress(len(schedule), start, f"train {settings.objective}", progress)
+    bar = _progress(len(schedule), start, f"train {settings.objective}", progress and dist.is_main)
     student.train()
     for step in range(start, len(schedule)):
         torch.manual_seed(_step_seed(settings.seed, step))
         record = _train_step(student, tokenizer, encoded, schedule[step], settings, teacher, optimizer, scheduler,
-                             device, step)
+                             device, step, dist)
         done = step + 1
         if val_encoded and (done % settings.eval_every == 0 or done == len(schedule)):
             record["val_loss"] = validation_loss(student, val_encoded, tokenizer, settings, teacher, device)
             if best_val is None or record["val_loss"] < best_val:
                 best_val = record["val_loss"]
-                _save_weights(student, tokenizer, out / "best")
+                if dist.is_main:
+                    _save_weights(student, tokenizer, out / "best")
         history.append(record)
-        if done % settings.log_every == 0 or "val_loss" in record:
+        if log is not None and (done % settings.log_every == 0 or "val_loss" in record):
             log.log(record)
-        if done % settings.save_every == 0 or done == len(schedule) or done == stop_after:
+        if dist.is_main and (done % settings.save_every == 0 or done == len(schedule) or done == stop_after):
             save_checkpoint(out / f"checkpoint-{done}", student, optimizer, scheduler,
                             {"step": done, "best_val_loss": best_val, "history": history}, teacher)
             _prune_checkpoints(out, keep=2)
@@ -437,8 +445,17 @@ def train(
         bar.set_postfix(loss=f"{record['loss']:.4f}")
         if stop_after is not None and done >= stop_after:
             bar.close()
+            dist.barrier()  # the checkpoint is on disk before any rank returns
             return TrainResult(out, done, best_val, history)
     bar.close()
+    if dist.is_main:
+        _write_final(student, tokenizer, out, settings, len(schedule), best_val)
+    dist.barrier()
+    return TrainResult(out, len(schedule), best_val, history)
+
+
+def _write_final(student: Any, tokenizer: Any, out: Path, settings: TrainSettings, steps: int,
+                 best_val: float | None) -> None:
     final = out / "final"
     if (out / "best").is_dir():
         shutil.rmtree(final, ignore_errors=True)
@@ -446,41 +463,54 @@ def train(
     else:
         _save_weights(student, tokenizer, final)
     (out / "train_summary.json").write_text(json.dumps(
-        {"steps": len(schedule), "best_val_loss": best_val, "settings": settings.model_dump()}, indent=1))
-    return TrainResult(out, len(schedule), best_val, history)
+        {"steps": steps, "best_val_loss": best_val, "settings": settings.model_dump()}, indent=1))
 
 
 def _step_seed(seed: int, step: int) -> int:
     return (seed * 1_000_003 + step) % (2**63)
 
 
+def _micro_seed(seed: int, step: int, micro: int, phase: int) -> int:
+    """Seed of one micro-batch's sampling (phase 0) or forward (phase 1): the same whichever rank runs it."""
+    return (_step_seed(seed, step) * 4099 + 2 * micro + phase) % (2**63)
+
+
 def _train_step(student: Any, tokenizer: Any, encoded: list[Encoded], micro_batches: list[list[int]],
                 settings: TrainSettings, teacher: TeacherFn | None, optimizer: Any, scheduler: Any,
-                device: torch.device, step: int) -> dict[str, Any]:
-    batches = [collate([encoded[i] for i in mb], tokenizer.pad_token_id, settings.token_mask).to(device)
-               for mb in micro_batches if mb]
+                device: torch.device, step: int, dist: DistContext = SINGLE) -> dict[str, Any]:
+    # this rank's share of the window (all of it in a single process), with each micro-batch's global index
+    mine = [(a, collate([encoded[i] for i in mb], tokenizer.pad_token_id, settings.token_mask).to(device))
+            for a, mb in dist.shard(micro_batches) if mb]
     on_policy = settings.objective == "gkd" and random.Random(f"{settings.seed}:gkd:{step}").random() < settings.lmbda
     if on_policy:
-        batches = [on_policy_batch(student, tokenizer, b, settings) for b in batches]
-    denom = sum(units(b.loss_mask, settings.reduction) for b in batches)
+        batches = []
+        for a, b in mine:
+            torch.manual_seed(_micro_seed(settings.seed, step, a, 0))
+            batches.append((a, on_policy_batch(student, tokenizer, b, settings)))
+        mine = batches
+    # the normaliser is the whole window's unit count, summed over ranks (on-policy samples change it)
+    (denom,) = dist.sum_values([sum(units(b.loss_mask, settings.reduction) for _, b in mine)])
     t0 = time.perf_counter()
     loss = ce = kd = 0.0
-    for b in batches:
-        parts = batch_loss(student, b, settings, teacher, denom)
+    for a, b in mine:
+        torch.manual_seed(_micro_seed(settings.seed, step, a, 1))
+        parts = batch_loss(student, b, settings, teacher, int(denom))
         parts.total.backward()
         loss += float(parts.total.detach())
         ce += parts.ce
         kd += parts.kd
+    params = [p for p in student.parameters() if p.requires_grad]
+    dist.sum_gradients(params)
     grad_norm = None
     if settings.max_grad_norm:
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(
-            [p for p in student.parameters() if p.requires_grad], settings.max_grad_norm))
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm))
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
+    tokens = sum(int(b.attention_mask.sum()) for _, b in mine)
+    loss, ce, kd, tokens = dist.sum_values([loss, ce, kd, tokens])
     return {"step": step + 1, "loss": loss, "ce": ce, "kd": kd, "on_policy": on_policy, "lr": scheduler.get_last_lr()[0],
-            "grad_norm": grad_norm, "tokens": int(sum(int(b.attention_mask.sum()) for b in batches)),
-            "seconds": time.perf_counter() - t0}
+            "grad_norm": grad_norm, "tokens": int(tokens), "seconds": time.perf_counter() - t0}
 
 
 @torch.no_grad()
