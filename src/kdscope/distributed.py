@@ -178,7 +178,7 @@ def place_teacher(teacher: torch.nn.Module, placement: Placement, ctx: DistConte
     """Put a frozen teacher where ``placement`` says; the result returns logits on ``ctx.device``.
 
     - ``replicate``: a full copy on every rank's device (fastest; the teacher must fit next to the student).
-    - ``device``: the whole teacher on ``teacher_devices[0]`` (e.g. a second GPU per process).
+    - ``device``: the whole teacher on ``teacher_devices[local_rank]`` (e.g. GPU 2 for rank 0, GPU 3 for rank 1).
     - ``spread``: layers split over ``teacher_devices`` (accelerate's ``dispatch_model``; pipeline, no parallelism).
     - ``fsdp``: parameters sharded over the ranks with FSDP2, gathered layer by layer in each forward.
     - ``zero3``: parameters partitioned over the ranks with DeepSpeed ZeRO-3 (inference engine, no optimizer).
@@ -190,8 +190,8 @@ def place_teacher(teacher: torch.nn.Module, placement: Placement, ctx: DistConte
         return teacher.to(ctx.device)
     if placement in ("device", "spread") and not teacher_devices:
         raise InputError(f"teacher placement {placement} needs the teacher's device(s), e.g. cuda:1")
-    if placement == "device":
-        dev = torch.device(teacher_devices[0])
+    if placement == "device":  # one teacher device per local rank (listed in rank order), or one shared by all
+        dev = torch.device(teacher_devices[ctx.local_rank % len(teacher_devices)])
         return DeviceBridge(teacher.to(dev), dev, ctx.device)
     if placement == "spread":
         return _spread(teacher, teacher_devices, ctx)

@@ -183,7 +183,8 @@ class VLLMGenerator:
             if not config_path.is_file():
                 raise InputError(f"adapter {adapter}: no adapter_config.json; give a folder written by peft")
             rank = int(json.loads(config_path.read_text(encoding="utf-8")).get("r", 8))
-            kwargs.update(enable_lora=True, max_lora_rank=max(8, rank))
+            # vLLM accepts only its LoRA kernel sizes (8, 16, 32, 64, ...): round the adapter's rank up to one
+            kwargs.update(enable_lora=True, max_lora_rank=max(8, 1 << (rank - 1).bit_length()))
             self.lora = LoRARequest("adapter", 1, str(Path(adapter).resolve()))
         self.llm = LLM(**kwargs)
 

@@ -9,7 +9,6 @@ References accepted by `load_model`:
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -90,8 +89,16 @@ def resolve_dtype(dtype: str = "auto", device: torch.device | None = None) -> to
 # --------------------------------------------------------------------------------------------------------------------
 # Built-in tiny models
 # --------------------------------------------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=1)
-def _tiny_tokenizer_json() -> str:
+TINY_TOKENIZER_FILE = Path(__file__).parent / "assets" / "tiny_tokenizer.json"
+
+
+def train_tiny_tokenizer_json(vocab_size: int = TINY_VOCAB_SIZE) -> str:
+    """Train the built-in byte-level BPE on the demo corpus (how ``assets/tiny_tokenizer.json`` was made).
+
+    The `tokenizers` trainer breaks ties between equally frequent pairs in hash order, which varies between
+    processes, so the shipped file, not a fresh training, is what every process uses: teacher and student must
+    share one tokenizer.
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     from .synthetic import corpus
@@ -100,7 +107,7 @@ def _tiny_tokenizer_json() -> str:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=TINY_VOCAB_SIZE,
+        vocab_size=vocab_size,
         special_tokens=[EOS_TOKEN, PAD_TOKEN],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
@@ -115,7 +122,7 @@ def tiny_tokenizer() -> Any:
     from transformers import PreTrainedTokenizerFast
 
     tok = PreTrainedTokenizerFast(
-        tokenizer_object=Tokenizer.from_str(_tiny_tokenizer_json()), eos_token=EOS_TOKEN, pad_token=PAD_TOKEN
+        tokenizer_object=Tokenizer.from_file(str(TINY_TOKENIZER_FILE)), eos_token=EOS_TOKEN, pad_token=PAD_TOKEN
     )
     tok.padding_side = "left"
     return tok
@@ -165,6 +172,21 @@ def _looks_like_hub_id(ref: str) -> bool:
     return ref.count("/") == 1 and not ref.startswith((".", "/", "~"))
 
 
+def _plain_tokenizers_folder(path: Path) -> bool:
+    """A folder whose tokenizer is a plain `tokenizers` file (the built-in one, saved with a model).
+
+    AutoTokenizer would pick the tokenizer class from the model type (Qwen2Tokenizer for a qwen2 config), whose
+    pre-tokenizer splits text differently from the file's own: the model would see other tokens than it was trained
+    on. Loading the file as it is avoids that.
+    """
+    import json
+
+    config = path / "tokenizer_config.json"
+    if not config.is_file():
+        return False
+    return json.loads(config.read_text()).get("tokenizer_class") in ("TokenizersBackend", "PreTrainedTokenizerFast")
+
+
 def load_tokenizer(ref: str, trust_remote_code: bool = False) -> Any:
     """Load the tokenizer of a model reference; left padding, pad token set (EOS when the model has none)."""
     from transformers import AutoTokenizer
@@ -174,6 +196,10 @@ def load_tokenizer(ref: str, trust_remote_code: bool = False) -> Any:
     path = Path(ref).expanduser()
     if path.suffix == ".gguf":
         tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, trust_remote_code=trust_remote_code)
+    elif _plain_tokenizers_folder(path):
+        from transformers import PreTrainedTokenizerFast
+
+        tok = PreTrainedTokenizerFast.from_pretrained(str(path))
     else:
         tok = AutoTokenizer.from_pretrained(str(path) if path.exists() else ref, trust_remote_code=trust_remote_code)
     if tok.pad_token is None:

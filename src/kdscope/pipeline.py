@@ -53,11 +53,15 @@ def _load(base_ref: str, trained: Path | None, job: Job) -> tuple[Any, Any]:
 
 
 def _train_run(job: Job, out: Path, student_ref: str, examples: list[Example], settings: dict[str, Any],
-               progress: bool, teacher: Any = None, teacher_model: Any = None) -> dict[str, Any]:
+               progress: bool, teacher: Any = None, teacher_model: Any = None,
+               teacher_tokenizer: Any = None) -> dict[str, Any]:
+    from .signal import check_same_tokenizer
     from .train import TrainSettings, prepare_student, train
 
     ts = TrainSettings(**settings)
     student, tok = _load(student_ref, None, job)
+    if teacher_tokenizer is not None:
+        check_same_tokenizer(teacher_tokenizer, tok)
     result = train(prepare_student(student, ts), tok, examples, ts, out, teacher=teacher, teacher_model=teacher_model,
                    resume=True, progress=progress)
     last = result.history[-1] if result.history else {}
@@ -87,12 +91,13 @@ def _kd(job: Job, out: Path, root: Path, store: StudyStore, progress: bool) -> d
     p = job.params
     teacher_base = _base_ref(job, root, "teacher", "teacher_base")
     trained = None if p["base_teacher"] else job_dir(root, job.deps["teacher"]) / "final"
-    teacher_model, _ = _load(teacher_base, trained, job)
+    teacher_model, teacher_tok = _load(teacher_base, trained, job)
     s = p["settings"]
     signal = OnlineTeacher(teacher_model, topk=s.get("teacher_topk"), noise_sigma=s.get("noise_sigma", 0.0),
                            seed=p["seed"], temperature=s.get("temperature", 1.0))
     examples = load_training_data(p["train"], seed=p["seed"])
-    return _train_run(job, out, _base_ref(job, root, "student"), examples, s, progress, signal, teacher_model)
+    return _train_run(job, out, _base_ref(job, root, "student"), examples, s, progress, signal, teacher_model,
+                      teacher_tokenizer=teacher_tok)
 
 
 # --------------------------------------------------------------------------------------------------------------------
