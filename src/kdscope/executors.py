@@ -129,9 +129,15 @@ def make_backend(study: "Study", root: Path, progress: bool) -> Backend:
 
 
 def run_jobs(jobs: list["Job"], store: "StudyStore", backend: Backend, summary: "RunSummary",
-             log: Callable[[str], None]) -> "RunSummary":
+             log: Callable[[str], None], progress: bool = True) -> "RunSummary":
     """Run every job not yet done, in dependency order, ``backend.capacity`` at a time."""
+    from tqdm.auto import tqdm
+
     done = {j.key for j in jobs if store.status(j.key) == "done"}
+    bar = tqdm(total=len(jobs), initial=len(done), desc="study", unit="job", disable=not progress,
+               dynamic_ncols=True, position=0)
+    if progress:
+        log = bar.write  # keep the job bar at the bottom
     summary.skipped.extend(j.key for j in jobs if j.key in done)
     failed: set[str] = set()
     pending = [j for j in jobs if j.key not in done]
@@ -148,6 +154,7 @@ def run_jobs(jobs: list["Job"], store: "StudyStore", backend: Backend, summary: 
                     failed.add(job.key)
                     summary.blocked.append(job.key)
                     store.mark(job, "blocked", "a job it depends on failed")
+                    bar.update(1)
                 elif deps <= done:
                     pending.remove(job)
                     store.mark(job, "running")
@@ -167,6 +174,8 @@ def run_jobs(jobs: list["Job"], store: "StudyStore", backend: Backend, summary: 
                 store.complete(job, result or {})
                 summary.ran.append(key)
                 done.add(key)
+            bar.update(1)
     finally:
+        bar.close()
         backend.close()
     return summary

@@ -459,4 +459,4 @@ def run_study(study: Study, out: str | Path | None = None, progress: bool = True
     (root / "study.json").write_text(study.model_dump_json(indent=1))
     store = StudyStore(root / "study.sqlite")
     backend = make_backend(study, root, progress)
-    return run_jobs(expand(study), store, backend, RunSummary(out_dir=root), log)
+    return run_jobs(expand(study), store, backend, RunSummary(out_dir=root), log, progress)
