@@ -142,3 +142,25 @@ def test_ray_executor_matches_local(tmp_path: Path) -> None:
         ray.shutdown()
     assert not summary.failed and len(summary.ran) == 15
     pd.testing.assert_frame_equal(_results(tmp_path / "local"), _results(tmp_path / "ray"))
+
+
+def test_teacher_cache_gives_one_teacher_pass_per_teacher_and_domain(tmp_path: Path) -> None:
+    spec = {**MICRO, "methods": ["SeqKD", "RevKD", "GKD"],
+            "training": {**MICRO["training"], "kd": {"teacher_topk": 16}}}
+    study = Study(**spec)
+    jobs = expand(study)
+    caches = [j for j in jobs if j.kind == "cache"]
+    kd_jobs = [j for j in jobs if j.kind == "kd"]
+    assert len(caches) == 1 and len(kd_jobs) == 6  # 3 methods x 2 temperatures, one teacher pass for all
+    assert all(j.deps["cache"] is caches[0] for j in kd_jobs)
+    summary = run_study(study, tmp_path / "s", progress=False, log=lambda m: None)
+    assert not summary.failed
+    store = StudyStore(tmp_path / "s" / "study.sqlite")
+    for job in kd_jobs:
+        result = store.result(job.key)
+        on_policy = job.params["settings"]["objective"] == "gkd"
+        # off-policy KD never loads the teacher; GKD needs it for its on-policy batches only
+        assert result["teacher_loaded"] is on_policy
+        if not on_policy:
+            assert result["online_teacher_passes"] == 0
+    assert store.result(caches[0].key)["sequences"] == 60

@@ -24,7 +24,7 @@ def job_dir(root: Path, job: Job) -> Path:
 
 
 def run_job(job: Job, root: Path, store: StudyStore, progress: bool = True) -> dict[str, Any]:
-    runner = {"pretrain": _pretrain, "sft": _sft, "kd": _kd, "eval": _eval, "fidelity": _fidelity,
+    runner = {"pretrain": _pretrain, "sft": _sft, "cache": _cache, "kd": _kd, "eval": _eval, "fidelity": _fidelity,
               "analysis": _analysis}[job.kind]
     out = job_dir(root, job)
     out.mkdir(parents=True, exist_ok=True)
@@ -85,19 +85,51 @@ def _sft(job: Job, out: Path, root: Path, store: StudyStore, progress: bool) -> 
                       progress)
 
 
-def _kd(job: Job, out: Path, root: Path, store: StudyStore, progress: bool) -> dict[str, Any]:
-    from .signal import OnlineTeacher
+def _teacher_trained(job: Job, root: Path) -> Path | None:
+    return None if job.params["base_teacher"] else job_dir(root, job.deps["teacher"]) / "final"
+
+
+def _cache(job: Job, out: Path, root: Path, store: StudyStore, progress: bool) -> dict[str, Any]:
+    """One teacher pass over the domain's training sequences, stored top-k (kdscope.cache)."""
+    from .cache import TeacherCache, cache_key, encode_sequences
 
     p = job.params
     teacher_base = _base_ref(job, root, "teacher", "teacher_base")
-    trained = None if p["base_teacher"] else job_dir(root, job.deps["teacher"]) / "final"
-    teacher_model, teacher_tok = _load(teacher_base, trained, job)
+    trained = _teacher_trained(job, root)
+    model, tok = _load(teacher_base, trained, job)
+    sequences = encode_sequences(tok, load_training_data(p["train"], seed=p["seed"]), p["prompt_style"],
+                                 p["max_length"])
+    key = cache_key(teacher_base, trained, tok, sequences, p["prompt_style"], p["k"], p["max_length"])
+    cache = TeacherCache.build(out / "cache", key, model, sequences, tok.pad_token_id, p["temperatures"])
+    return {"sequences": len(sequences), "bytes_per_token": cache.bytes_per_token()}
+
+
+def _kd(job: Job, out: Path, root: Path, store: StudyStore, progress: bool) -> dict[str, Any]:
+    """Distil from the study's teacher: from its top-k cache when the study has one (GKD's on-policy batches fall
+    back to the online teacher, so GKD still loads it), else online."""
+    from .cache import CachedTeacher, TeacherCache
+    from .models import load_tokenizer
+    from .signal import OnlineTeacher
+
+    p = job.params
     s = p["settings"]
-    signal = OnlineTeacher(teacher_model, topk=s.get("teacher_topk"), noise_sigma=s.get("noise_sigma", 0.0),
-                           seed=p["seed"], temperature=s.get("temperature", 1.0))
+    teacher_base = _base_ref(job, root, "teacher", "teacher_base")
+    trained = _teacher_trained(job, root)
+    needs_model = "cache" not in job.deps or s["objective"] in ("gkd", "seqkd")
+    teacher_model, teacher_tok = _load(teacher_base, trained, job) if needs_model else (None, load_tokenizer(teacher_base))
+    online = None if teacher_model is None else OnlineTeacher(
+        teacher_model, topk=s.get("teacher_topk"), noise_sigma=s.get("noise_sigma", 0.0), seed=p["seed"],
+        temperature=s.get("temperature", 1.0))
+    signal: Any = online
+    if "cache" in job.deps:
+        cache = TeacherCache.open(job_dir(root, job.deps["cache"]) / "cache")
+        signal = CachedTeacher(cache, temperature=s.get("temperature", 1.0), noise_sigma=s.get("noise_sigma", 0.0),
+                               seed=p["seed"], fallback=online)
     examples = load_training_data(p["train"], seed=p["seed"])
-    return _train_run(job, out, _base_ref(job, root, "student"), examples, s, progress, signal, teacher_model,
-                      teacher_tokenizer=teacher_tok)
+    result = _train_run(job, out, _base_ref(job, root, "student"), examples, s, progress, signal, teacher_model,
+                        teacher_tokenizer=teacher_tok)
+    return {**result, "teacher_loaded": teacher_model is not None,
+            "online_teacher_passes": 0 if online is None else online.calls}
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -190,7 +190,7 @@ def builtin_study(name: str = "demo") -> Path:
 # --------------------------------------------------------------------------------------------------------------------
 # Jobs
 # --------------------------------------------------------------------------------------------------------------------
-JobKind = Literal["pretrain", "sft", "kd", "eval", "fidelity", "analysis"]
+JobKind = Literal["pretrain", "sft", "cache", "kd", "eval", "fidelity", "analysis"]
 
 
 @dataclass
@@ -253,12 +253,15 @@ def expand(study: Study) -> list[Job]:
                     sft = add(_sft_job(study, student, domain, seed, bases[student.name], False))
                     evals.append(add(_eval_job(study, domain, student, "-", "SFT", sft, bases[student.name], seed)))
                 for teacher in family.teachers:
+                    caches = {variant: add(job) for variant, job in _cache_jobs(
+                        study, domain, seed, teacher, teacher_sft[teacher.name], bases[teacher.name]).items()}
                     for student in family.students:
                         if not teacher_larger(teacher, student):
                             continue
                         for kd in _kd_variants(study):
                             job = add(_kd_job(study, domain, seed, teacher, student, kd, teacher_sft[teacher.name],
-                                              bases[teacher.name], bases[student.name]))
+                                              bases[teacher.name], bases[student.name],
+                                              caches.get(kd.get("base_teacher", False))))
                             evals.append(add(_eval_job(study, domain, student, teacher.name, kd["label"], job,
                                                        bases[student.name], seed, teacher_entry=teacher)))
     ordered = list(jobs.values())
@@ -296,8 +299,31 @@ def _kd_variants(study: Study) -> list[dict[str, Any]]:
     return out
 
 
+def _cache_jobs(study: Study, domain: Domain, seed: int, teacher: ModelEntry, teacher_sft: Job,
+                teacher_base: Job | None) -> dict[bool, Job]:
+    """With ``training.kd.teacher_topk`` set, one teacher pass per (teacher, domain, seed) - and one more for the
+    base-teacher ablation - serves every student, method and temperature (keyed: base_teacher True/False)."""
+    kd = _settings(study, domain, "kd")
+    if not kd.get("teacher_topk"):
+        return {}
+    temperatures = sorted({1.0, *study.temperatures, study.ablations.temperature})
+    variants = [False, True] if study.ablations.base_teacher else [False]
+    jobs = {}
+    for base in variants:
+        params = {"teacher": teacher.model, "train": domain.train, "seed": seed, "k": kd["teacher_topk"],
+                  "temperatures": temperatures, "prompt_style": kd.get("prompt_style", "study"),
+                  "max_length": kd.get("max_length", 256), "base_teacher": base, "device": study.device,
+                  "trust_remote_code": teacher.trust_remote_code}
+        deps = {} if base else {"teacher": teacher_sft}
+        if teacher_base:
+            deps["teacher_base"] = teacher_base
+        label = "base teacher" if base else "teacher"
+        jobs[base] = Job("cache", f"cache {label} {teacher.name} {domain.name} seed {seed}", params, deps)
+    return jobs
+
+
 def _kd_job(study: Study, domain: Domain, seed: int, teacher: ModelEntry, student: ModelEntry, kd: dict[str, Any],
-            teacher_sft: Job, teacher_base: Job | None, student_base: Job | None) -> Job:
+            teacher_sft: Job, teacher_base: Job | None, student_base: Job | None, cache: Job | None = None) -> Job:
     method = METHODS[kd["method"]]
     settings = _settings(study, domain, "kd", objective=method["objective"], loss=method["loss"], temperature=kd["temperature"],
                          noise_sigma=kd.get("noise_sigma", 0.0), seed=seed)
@@ -310,6 +336,8 @@ def _kd_job(study: Study, domain: Domain, seed: int, teacher: ModelEntry, studen
         deps["teacher_base"] = teacher_base
     if student_base:
         deps["base"] = student_base
+    if cache is not None and method["objective"] != "seqkd":
+        deps["cache"] = cache
     return Job("kd", f"{kd['label']} {teacher.name}->{student.name} {domain.name} seed {seed}", params, deps)
 
 
