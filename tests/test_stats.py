@@ -404,3 +404,20 @@ def test_cli_missing_column(tmp_path: Path) -> None:
     _toy_table().drop(columns="Method").to_csv(path, index=False)
     result = CliRunner().invoke(app, ["stats", str(path)])
     assert result.exit_code == 2 and "Method" in result.output
+
+
+def test_seed_aggregation_keeps_domains_apart() -> None:
+    """A model's math and commonsense rows share Teacher/Student/Method and the Average column."""
+    from kdscope.stats import collapse_seeds
+
+    rows = []
+    for seed in (1, 2):
+        rows.append({"Teacher": "-", "Student": "S-1B", "Method": "SFT", "gsm8k": 10.0 * seed, "Average": 10.0 * seed,
+                     "Seed": seed})
+        rows.append({"Teacher": "-", "Student": "S-1B", "Method": "SFT", "boolq": 50.0 + seed, "Average": 50.0 + seed,
+                     "Seed": seed})
+    collapsed = collapse_seeds(pd.DataFrame(rows))
+    assert len(collapsed) == 2
+    math = collapsed[collapsed["gsm8k"].notna()].iloc[0]
+    cs = collapsed[collapsed["boolq"].notna()].iloc[0]
+    assert (math["Average"], cs["Average"]) == (15.0, 51.5)

@@ -198,7 +198,8 @@ def seed_summary(results: pd.DataFrame, confidence: float = CONFIDENCE) -> pd.Da
     if AVERAGE in results.columns:
         task_cols.append(AVERAGE)
     rows = []
-    for key, group in results.groupby(list(ID_COLUMNS), sort=False):
+    for key, group in results.assign(_domain=row_domains(results)).groupby([*ID_COLUMNS, "_domain"], sort=False):
+        key = key[: len(ID_COLUMNS)]
         for task in task_cols:
             values = group[task].dropna()
             if values.empty:
@@ -209,13 +210,23 @@ def seed_summary(results: pd.DataFrame, confidence: float = CONFIDENCE) -> pd.Da
     return pd.DataFrame(rows)
 
 
+def row_domains(results: pd.DataFrame) -> pd.Series:
+    """Which domain(s) each row has scores for: a model's math and commonsense rows share Teacher, Student and
+    Method (and the Average column), so seed aggregation must keep them apart."""
+    columns = domain_columns(results)
+    return pd.Series(["+".join(d for d, cols in columns.items() if row[cols].notna().any())
+                      for _, row in results.iterrows()], index=results.index, dtype=object)
+
+
 def collapse_seeds(results: pd.DataFrame) -> pd.DataFrame:
-    """One row per (Teacher, Student, Method): the mean over seeds. Tables without a Seed column pass through."""
+    """One row per (Teacher, Student, Method, domain): the mean over seeds. Tables without a Seed column pass
+    through."""
     if SEED_COLUMN not in results.columns:
         return results
     numeric = [c for c in results.columns if c not in (*ID_COLUMNS, SEED_COLUMN) and
                pd.api.types.is_numeric_dtype(results[c])]
-    return results.groupby(list(ID_COLUMNS), sort=False, as_index=False)[numeric].mean()
+    grouped = results.assign(_domain=row_domains(results)).groupby([*ID_COLUMNS, "_domain"], sort=False, as_index=False)
+    return grouped[numeric].mean()  # numeric excludes _domain, so it is dropped here
 
 
 # --------------------------------------------------------------------------------------------------------------
