@@ -7,7 +7,6 @@ import random
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pandas as pd
@@ -52,11 +51,13 @@ def test_demo_study_expands_to_the_full_design() -> None:
     kinds: dict[str, int] = {}
     for job in expand(study):
         kinds[job.kind] = kinds.get(job.kind, 0) + 1
-    students, domains = 3, 2
-    kd_variants = 3 * 3 + 1 + 2  # methods x temperatures + base teacher + two noise levels
-    assert kinds == {"pretrain": 4, "sft": 4 * domains, "kd": students * kd_variants * domains,
-                     "eval": 4 * domains + 4 * domains + students * kd_variants * domains,
-                     "fidelity": students * kd_variants * domains, "analysis": 1}
+    domains = 2
+    # largest teacher -> 3 students with 3 methods x 3 temperatures + base teacher + two noise levels;
+    # the mid-size model (also a student) -> the 2 smaller students, without the ablations
+    kd = (3 * (9 + 3) + 2 * 9) * domains
+    models = 4  # one SFT and one BaseModel row each, even for the model that is teacher and student
+    assert kinds == {"pretrain": 4, "sft": models * domains, "cache": (2 + 1) * domains, "kd": kd,
+                     "eval": 2 * models * domains + kd, "fidelity": kd, "analysis": 1}
 
 
 def test_study_errors_name_key_value_and_fix(tmp_path: Path) -> None:
@@ -133,7 +134,7 @@ def test_failed_job_does_not_stop_independent_jobs(tmp_path: Path) -> None:
 
 
 def test_ray_executor_matches_local(tmp_path: Path) -> None:
-    ray = pytest.importorskip("ray", reason="the ray extra is not installed")
+    import ray
     run_study(Study(**MICRO), tmp_path / "local", progress=False, log=lambda m: None)
     try:
         summary = run_study(Study(**{**MICRO, "executor": {"kind": "ray"}}), tmp_path / "ray", progress=False,

@@ -84,6 +84,7 @@ class Ablations(_Strict):
     noise_sigmas: list[float] = Field(default_factory=list, description="Gaussian noise on teacher logits")
     method: Literal["SeqKD", "RevKD", "GKD"] = "SeqKD"
     temperature: float = 1.0
+    teachers: list[str] | None = Field(None, description="teacher names the ablations run for (default: all)")
 
 
 class Evaluation(_Strict):
@@ -250,6 +251,8 @@ def expand(study: Study) -> list[Job]:
                     teacher_sft[entry.name] = sft = add(_sft_job(study, entry, domain, seed, bases[entry.name], True))
                     evals.append(add(_eval_job(study, domain, entry, "-", "SFT", sft, bases[entry.name], seed)))
                 for student in family.students:
+                    if student.name in teacher_sft:  # a model that is also a teacher has one SFT row: the teacher's
+                        continue
                     sft = add(_sft_job(study, student, domain, seed, bases[student.name], False))
                     evals.append(add(_eval_job(study, domain, student, "-", "SFT", sft, bases[student.name], seed)))
                 for teacher in family.teachers:
@@ -258,7 +261,7 @@ def expand(study: Study) -> list[Job]:
                     for student in family.students:
                         if not teacher_larger(teacher, student):
                             continue
-                        for kd in _kd_variants(study):
+                        for kd in _kd_variants(study, teacher.name):
                             job = add(_kd_job(study, domain, seed, teacher, student, kd, teacher_sft[teacher.name],
                                               bases[teacher.name], bases[student.name],
                                               caches.get(kd.get("base_teacher", False))))
@@ -283,12 +286,14 @@ def teacher_larger(teacher: ModelEntry, student: ModelEntry) -> bool:
         return True
 
 
-def _kd_variants(study: Study) -> list[dict[str, Any]]:
+def _kd_variants(study: Study, teacher: str) -> list[dict[str, Any]]:
     out = []
     for method in study.methods:
         for t in study.temperatures:
             out.append({"method": method, "temperature": t, "label": f"student_{METHODS[method]['label']}_temp_{t}"})
     ab = study.ablations
+    if ab.teachers is not None and teacher not in ab.teachers:
+        return out
     label = METHODS[ab.method]["label"]
     if ab.base_teacher:
         out.append({"method": ab.method, "temperature": ab.temperature, "base_teacher": True,
@@ -307,7 +312,8 @@ def _cache_jobs(study: Study, domain: Domain, seed: int, teacher: ModelEntry, te
     if not kd.get("teacher_topk"):
         return {}
     temperatures = sorted({1.0, *study.temperatures, study.ablations.temperature})
-    variants = [False, True] if study.ablations.base_teacher else [False]
+    ablated = study.ablations.teachers is None or teacher.name in study.ablations.teachers
+    variants = [False, True] if study.ablations.base_teacher and ablated else [False]
     jobs = {}
     for base in variants:
         params = {"teacher": teacher.model, "train": domain.train, "seed": seed, "k": kd["teacher_topk"],
