@@ -38,7 +38,7 @@ def test_demo_runs_the_whole_design_and_reruns_instantly(tmp_path: Path) -> None
     hypotheses = {r["hypothesis"] for r in records}
     assert {"kd_beats_sft", "methods_differ", "student_size", "teacher_score"} <= hypotheses
     html = (out / "report.html").read_text()
-    assert len(re.findall(r'<img[^>]+src="data:image/png;base64,', html)) >= 5
+    assert len(re.findall(r"<img[^>]+src=[\"']data:image/png;base64,", html)) >= 5
     for csv in ("agreement.csv", "fidelity.csv", "joint.csv"):
         assert len(pd.read_csv(out / csv)) > 0
     start = time.perf_counter()

@@ -7,6 +7,7 @@ import random
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -94,14 +95,16 @@ def test_killed_study_resumes_to_identical_results(tmp_path: Path) -> None:
     spec = _write(tmp_path, MICRO)
     cmd = [sys.executable, "-m", "kdscope.cli", "run", str(spec), "--quiet"]
     env = {**os.environ, "PYTHONHASHSEED": "0"}
+    start = time.perf_counter()
     subprocess.run([*cmd, "--out", str(tmp_path / "clean")], check=True, env=env, capture_output=True)
+    clean_seconds = time.perf_counter() - start
     rng = random.Random(0)
     kills = 0
     for _ in range(12):
         proc = subprocess.Popen([*cmd, "--out", str(tmp_path / "killed")], env=env, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)
-        try:
-            proc.wait(timeout=rng.uniform(6.0, 14.0))
+        try:  # kill somewhere inside the run: start-up takes a few seconds, the whole run clean_seconds
+            proc.wait(timeout=rng.uniform(0.3, 0.8) * clean_seconds)
             break
         except subprocess.TimeoutExpired:
             proc.send_signal(signal.SIGKILL)
