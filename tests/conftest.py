@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared" / "data" / "kd-generalization"
+# the study's data sits beside the checkout in the development workspace; KDSCOPE_SHARED_DATA points elsewhere
+SHARED = Path(os.environ.get("KDSCOPE_SHARED_DATA", REPO.parent / "shared" / "data" / "kd-generalization"))
 
 
 def in_ci() -> bool:
