@@ -136,3 +136,24 @@ def test_kd_without_teacher_and_too_small_data_are_input_errors(tmp_path: Path) 
         train(_student(), tok, EXAMPLES, TrainSettings(objective="kd", **BASE), tmp_path, progress=False)
     with pytest.raises(InputError, match="val_size"):
         train(_student(), tok, EXAMPLES[:10], TrainSettings(objective="sft", **BASE), tmp_path, progress=False)
+
+
+def test_cli_train_sft_then_kd_from_the_teacher_adapter(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from kdscope.cli import app
+
+    runner = CliRunner()
+    common = ["--data", "synthetic:math:20", "--max-steps", "2", "--val-size", "8", "--micro-batch-size", "4",
+              "--grad-accum", "1", "--max-length", "96", "--device", "cpu"]
+    sft = runner.invoke(app, ["train", "sft", "--model", "builtin:tiny-qwen-s", "--out", str(tmp_path / "t"), *common])
+    assert sft.exit_code == 0, sft.output
+    assert (tmp_path / "t" / "final" / "adapter_config.json").is_file()
+    kd = runner.invoke(app, ["train", "kd", "--student", "builtin:tiny-qwen-xs", "--teacher", "builtin:tiny-qwen-s",
+                             "--teacher-adapter", str(tmp_path / "t" / "final"), "--loss", "reverse_kl",
+                             "--temperature", "2", "--out", str(tmp_path / "s"), *common])
+    assert kd.exit_code == 0, kd.output
+    assert "trained 2 steps" in kd.output
+    bad = runner.invoke(app, ["train", "kd", "--student", "builtin:tiny-qwen-xs", "--teacher", "builtin:tiny-qwen-s",
+                              "--out", str(tmp_path / "b"), "--temperature", "0", *common])
+    assert bad.exit_code == 2 and "--temperature" in bad.output

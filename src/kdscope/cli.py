@@ -9,7 +9,7 @@ import functools
 import json
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Optional, Sequence, TypeVar
+from typing import TYPE_CHECKING, Annotated, Callable, Optional, Sequence, TypeVar
 
 import typer
 
@@ -170,23 +170,37 @@ def _train(student_ref: str, data: str, out: Path, settings: "TrainSettings", re
         typer.echo(f"trained {result.steps} steps; best validation loss {result.best_val_loss}; weights in {out / 'final'}")
 
 
+# Options shared by `train sft` and `train kd`.
+_Lora = Annotated[bool, typer.Option("--lora/--full", help=_LORA_HELP)]
+_Epochs = Annotated[Optional[float], typer.Option(help="Epochs (default 3).")]
+_MaxSteps = Annotated[Optional[int], typer.Option(help="Stop after this many optimizer steps.")]
+_Lr = Annotated[Optional[float], typer.Option(help="Peak learning rate (default 3e-4).")]
+_MicroBatchSize = Annotated[Optional[int], typer.Option(help="Micro-batch size (default 4).")]
+_GradAccum = Annotated[Optional[int], typer.Option(help="Gradient accumulation steps (default 4).")]
+_MaxLength = Annotated[Optional[int], typer.Option(help="Max tokens per example (default 256).")]
+_ValSize = Annotated[Optional[int], typer.Option(help="Held-out items for best-checkpoint selection (default 500).")]
+_Seed = Annotated[Optional[int], typer.Option(help="Seed (default 6, the study's).")]
+_Device = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N, mps.")]
+_Resume = Annotated[bool, typer.Option("--resume/--restart", help="Continue from the last checkpoint in --out.")]
+
+
 @train_app.command("sft")
 @user_errors
 def train_sft_cmd(
     model: str = typer.Option(..., "--model", help="Model to fine-tune: hub id, folder, .gguf or builtin:<name>."),
     data: str = typer.Option(..., "--data", help="Training data: study JSON/JSONL with 'output', or synthetic:<domain>[:n]."),
     out: Path = typer.Option(..., "--out", help="Output folder (checkpoints, metrics.jsonl, final/)."),
-    lora: bool = typer.Option(True, "--lora/--full", help=_LORA_HELP),
-    epochs: Optional[float] = typer.Option(None, help="Epochs (default 3)."),
-    max_steps: Optional[int] = typer.Option(None, help="Stop after this many optimizer steps."),
-    lr: Optional[float] = typer.Option(None, help="Peak learning rate (default 3e-4)."),
-    micro_batch_size: Optional[int] = typer.Option(None, help="Micro-batch size (default 4)."),
-    grad_accum: Optional[int] = typer.Option(None, help="Gradient accumulation steps (default 4)."),
-    max_length: Optional[int] = typer.Option(None, help="Max tokens per example (default 256)."),
-    val_size: Optional[int] = typer.Option(None, help="Held-out items for best-checkpoint selection (default 500)."),
-    seed: Optional[int] = typer.Option(None, help="Seed (default 6, the study's)."),
-    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N, mps."),
-    resume: bool = typer.Option(True, "--resume/--restart", help="Continue from the last checkpoint in --out."),
+    lora: _Lora = True,
+    epochs: _Epochs = None,
+    max_steps: _MaxSteps = None,
+    lr: _Lr = None,
+    micro_batch_size: _MicroBatchSize = None,
+    grad_accum: _GradAccum = None,
+    max_length: _MaxLength = None,
+    val_size: _ValSize = None,
+    seed: _Seed = None,
+    device: _Device = "auto",
+    resume: _Resume = True,
 ) -> None:
     """Supervised fine-tuning (cross-entropy): the teacher and the SFT baselines."""
     settings = _settings("sft", lora=lora, epochs=epochs, max_steps=max_steps, lr=lr, micro_batch_size=micro_batch_size,
@@ -212,17 +226,17 @@ def train_kd_cmd(
     base_teacher: bool = typer.Option(False, "--base-teacher", help="Ablation: teacher with its adapter disabled."),
     teacher_topk: Optional[int] = typer.Option(None, help="Use only the teacher's top-k logits."),
     token_mask: Optional[str] = typer.Option(None, help="all (prompt too, the study) or response."),
-    lora: bool = typer.Option(True, "--lora/--full", help=_LORA_HELP),
-    epochs: Optional[float] = typer.Option(None, help="Epochs (default 3)."),
-    max_steps: Optional[int] = typer.Option(None, help="Stop after this many optimizer steps."),
-    lr: Optional[float] = typer.Option(None, help="Peak learning rate (default 3e-4)."),
-    micro_batch_size: Optional[int] = typer.Option(None, help="Micro-batch size (default 4)."),
-    grad_accum: Optional[int] = typer.Option(None, help="Gradient accumulation steps (default 4)."),
-    max_length: Optional[int] = typer.Option(None, help="Max tokens per example (default 256)."),
-    val_size: Optional[int] = typer.Option(None, help="Held-out items (default 500)."),
-    seed: Optional[int] = typer.Option(None, help="Seed (default 6)."),
-    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N, mps."),
-    resume: bool = typer.Option(True, "--resume/--restart", help="Continue from the last checkpoint in --out."),
+    lora: _Lora = True,
+    epochs: _Epochs = None,
+    max_steps: _MaxSteps = None,
+    lr: _Lr = None,
+    micro_batch_size: _MicroBatchSize = None,
+    grad_accum: _GradAccum = None,
+    max_length: _MaxLength = None,
+    val_size: _ValSize = None,
+    seed: _Seed = None,
+    device: _Device = "auto",
+    resume: _Resume = True,
     teacher_placement: Optional[str] = typer.Option(
         None, help="replicate, device, spread, fsdp or zero3 (default: replicate, or what the accelerate config "
                    "asks for); see docs/scale-out.md."),
