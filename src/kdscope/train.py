@@ -26,9 +26,9 @@ from pydantic import BaseModel, Field, model_validator
 from .data import Example, build_prompt
 from .errors import InputError
 from .losses import LOSS_NAMES, cross_entropy_parts, distill_loss_parts, distill_loss_sparse
-from .signal import TeacherOutput, align_vocab
-from .models import LoraSettings, attach_lora, load_adapter, save_model
 from .distributed import SINGLE, DistContext, check_window
+from .models import LoraSettings, attach_lora, save_model
+from .signal import TeacherOutput, align_vocab
 
 Objective = Literal["sft", "kd", "gkd", "seqkd"]
 
@@ -555,18 +555,10 @@ def _cached_teacher_responses(out: Path, teacher_model: Any, tokenizer: Any, tra
     return responses
 
 
-class _NullBar:
-    def update(self, n: int) -> None: ...
-    def set_postfix(self, **kw: Any) -> None: ...
-    def close(self) -> None: ...
-
-
 def _progress(total: int, start: int, desc: str, enabled: bool) -> Any:
-    if not enabled:
-        return _NullBar()
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=start, desc=desc, unit="step", dynamic_ncols=True)
+    return tqdm(total=total, initial=start, desc=desc, unit="step", dynamic_ncols=True, disable=not enabled)
 
 
 def load_trained(base_ref: str, trained_dir: str | Path, **load_kwargs: Any) -> tuple[Any, Any]:
@@ -577,7 +569,3 @@ def load_trained(base_ref: str, trained_dir: str | Path, **load_kwargs: Any) -> 
     if (trained / "adapter_config.json").is_file():
         return load_model(base_ref, adapter=trained, **load_kwargs)
     return load_model(str(trained), **load_kwargs)
-
-
-__all__ = ["TrainSettings", "train", "prepare_student", "encode_example", "collate", "batch_schedule",
-           "validation_loss", "load_trained", "load_adapter", "sample_continuations"]
