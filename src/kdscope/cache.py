@@ -53,7 +53,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .errors import InputError
-from .losses import TailMode, _sparse_log_probs, divergence_rows
+from .losses import TailMode, sparse_log_probs, divergence_rows
 from .signal import OnlineTeacher, TeacherOutput
 
 Codec = Literal["zlib", "lzma", "none"]
@@ -624,7 +624,7 @@ class CacheError:
 def _per_token_losses(student: Tensor, teacher: Tensor, k: int, loss: str, temperature: float, tail: TailMode,
                       value_dtype: str) -> tuple[Tensor, Tensor]:
     """(dense, cached) per-token divergences times T^2 of rows [n, vocab], the cached side through the cache's own
-    stored form (``sparsify`` -> ``record_tensors``) and the sparse loss's own rows (``_sparse_log_probs``)."""
+    stored form (``sparsify`` -> ``record_tensors``) and the sparse loss's own rows (``sparse_log_probs``)."""
     temps = normalised_temperatures([temperature])
     record = sparsify(teacher, k, temps, value_dtype)
     values, indices, normalizer = record_tensors(record, temps.index(temperature))
@@ -632,7 +632,7 @@ def _per_token_losses(student: Tensor, teacher: Tensor, k: int, loss: str, tempe
     log_q = F.log_softmax(student.float() / temperature, dim=-1)
     dense = divergence_rows(log_p, log_q, loss, 0.5, 0.1)
     effective_tail: TailMode = "renormalise" if values.shape[-1] >= teacher.shape[-1] else tail
-    sparse_p, sparse_q = _sparse_log_probs(student.float(), values, indices, normalizer, temperature, effective_tail)
+    sparse_p, sparse_q = sparse_log_probs(student.float(), values, indices, normalizer, temperature, effective_tail)
     cached = divergence_rows(sparse_p, sparse_q, loss, 0.5, 0.1)
     return dense * temperature**2, cached * temperature**2
 

@@ -296,7 +296,7 @@ def distill_loss(
     ).mean()
 
 
-def _sparse_log_probs(
+def sparse_log_probs(
     student_rows: Tensor,
     teacher_values: Tensor,
     teacher_indices: Tensor,
@@ -368,7 +368,7 @@ def distill_loss_sparse(
     normalizer = None if teacher_log_normalizer is None else teacher_log_normalizer.detach()
 
     def row_loss(student_rows: Tensor, batch_ids: Tensor, positions: Tensor) -> Tensor:
-        log_p, log_q = _sparse_log_probs(
+        log_p, log_q = sparse_log_probs(
             student_rows,
             values[batch_ids, positions],
             teacher_topk_indices[batch_ids, positions].long(),
