@@ -147,7 +147,8 @@ def _train(student_ref: str, data: str, out: Path, settings: "TrainSettings", re
 
     ctx = init_distributed(device)
     examples = load_training_data(data, seed=settings.seed)
-    student, tokenizer = load_model(student_ref, device=str(ctx.device), seed=settings.seed)
+    # built-in models always start from the same init (seed 0), so a saved adapter matches `builtin:<name>` later
+    student, tokenizer = load_model(student_ref, device=str(ctx.device))
     teacher_signal = teacher_model = None
     if teacher_ref is not None:
         placement = teacher_placement or default_placement()
@@ -157,7 +158,7 @@ def _train(student_ref: str, data: str, out: Path, settings: "TrainSettings", re
         # place_teacher moves (device, spread) or shards (fsdp, zero3) them
         teacher_model, teacher_tok = load_model(
             teacher_ref, adapter=teacher_adapter, device=str(ctx.device) if placement == "replicate" else "cpu",
-            dtype=str(next(student.parameters()).dtype).removeprefix("torch."), seed=settings.seed + 1)
+            dtype=str(next(student.parameters()).dtype).removeprefix("torch."))
         check_same_tokenizer(teacher_tok, tokenizer)
         teacher_model = place_teacher(teacher_model, placement, ctx, teacher_devices)  # type: ignore[arg-type]
         teacher_signal = OnlineTeacher(teacher_model, topk=settings.teacher_topk, noise_sigma=settings.noise_sigma,

@@ -46,8 +46,8 @@ def _load(base_ref: str, trained: Path | None, job: Job) -> tuple[Any, Any]:
     from .models import load_model
     from .train import load_trained
 
-    kwargs = {"device": job.params.get("device", "auto"), "trust_remote_code": job.params.get("trust_remote_code", False),
-              "seed": job.params.get("seed") or 0}
+    # built-in models start from one fixed init whatever the study's seed: every job must see the same base weights
+    kwargs = {"device": job.params.get("device", "auto"), "trust_remote_code": job.params.get("trust_remote_code", False)}
     if trained is None:
         return load_model(base_ref, **kwargs)
     return load_trained(base_ref, trained, **kwargs)
