@@ -123,6 +123,45 @@ def test_loglik_equals_direct_computation(sharp_model, shared_data: Path, prompt
         assert values == pytest.approx([_direct_loglik(model, tok, r) for r in requests], abs=1e-4)
 
 
+def _scaled(name: str, attn: str = "sdpa") -> tuple[object, object]:
+    model, tok = build_tiny_model(name, seed=0)
+    model.config._attn_implementation = attn
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(3.0)
+    return model.eval(), tok
+
+
+@pytest.mark.parametrize(
+    "variant", ["llama", "qwen-eager", "qwen-lora", "qwen-no-head-split"]
+)
+def test_packed_scoring_equals_direct_computation(shared_data: Path, variant: str) -> None:
+    """The packed pass (context + all choices in one row under a block mask, LM head only where scored) against one
+    plain forward per choice: on another architecture, eager attention, through a PEFT LoRA wrapper with non-zero
+    adapters, and on the full-logits fallback taken for models whose logits are more than ``head(hidden)``."""
+    from kdscope.eval import _decoder_and_head
+    from kdscope.models import attach_lora
+
+    name = "tiny-llama-s" if variant == "llama" else "tiny-qwen-m"
+    model, tok = _scaled(name, "eager" if variant == "qwen-eager" else "sdpa")
+    if variant == "qwen-lora":
+        model = attach_lora(model).eval()
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.5, generator=torch.Generator().manual_seed(1))
+    if variant == "qwen-no-head-split":
+        model.config.final_logit_softcapping = 30.0  # Qwen2 ignores it; kdscope must take the full-logits path
+        assert _decoder_and_head(model) is None
+    else:
+        assert _decoder_and_head(model) is not None
+    items = [choice_requests(t, ex, "lm_eval")[0] for t in ("arc_easy", "piqa", "winogrande")
+             for ex in load_task(t, shared_data / "dataset", limit=3)]
+    scores = score_choice_requests(model, tok, items, batch_size=4)
+    for requests, values in zip(items, scores):
+        assert values == pytest.approx([_direct_loglik(model, tok, r) for r in requests], abs=1e-4)
+
+
 def test_acc_norm_divides_by_choice_characters() -> None:
     requests = [ChoiceRequest("c", " ab", 2), ChoiceRequest("c", " abcdef", 6)]
     assert choose([-3.0, -4.0], requests) == (0, 1)

@@ -13,8 +13,9 @@ batch, so changing ``batch_size`` or ``limit`` changes them. The vLLM backend se
 
 Likelihood evaluation (`evaluate_loglik`) follows lm-evaluation-harness's HF backend: the same tokenisation of
 (context, continuation) pairs, summed continuation log-probabilities, ``acc`` = argmax, ``acc_norm`` = argmax of the
-sum divided by the choice's length in characters. The context is run once per item and its KV cache is shared by
-all of the item's choices.
+sum divided by the choice's length in characters. An item's context and all of its choices are packed into one
+sequence under a block attention mask, so the context is computed once, and the vocabulary projection runs only at
+the positions that predict a choice's tokens.
 """
 
 from __future__ import annotations
@@ -524,7 +525,7 @@ def choice_requests(task_name: str, ex: Example, prompt: LoglikPrompt = "study",
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Likelihood scoring with a shared context pass
+# Likelihood scoring: one packed row per item (context once, choices side by side under a block mask)
 # --------------------------------------------------------------------------------------------------------------------
 def _encode(tokenizer: Any, text: str) -> list[int]:
     """lm-eval's ``tok_encode``: the tokenizer's default special tokens, none when the text already starts with BOS."""
@@ -583,59 +584,105 @@ def _model_max_length(model: Any) -> int:
     return int(getattr(model.config, "max_position_embeddings", None) or 2048)
 
 
+def _decoder_and_head(model: Any) -> tuple[Any, Any] | None:
+    """The transformer body and LM head of a causal LM (through a PEFT wrapper), so that only the scored positions
+    pay for the vocabulary projection; None for architectures whose logits are more than ``head(hidden)``."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if getattr(inner.config, "final_logit_softcapping", None) or not hasattr(inner, "get_decoder"):
+        return None
+    decoder, head = inner.get_decoder(), inner.get_output_embeddings()
+    if decoder is inner or head is None:
+        return None
+    return decoder, head
+
+
+def _packed_rows(groups: Sequence[_Group], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each group as one right-padded row: its context, then every choice's tokens but the last (the last token is
+    only ever a target). Returns input ids, position ids (each choice restarts after the context) and segment ids
+    (0 context, k + 1 choice k, -1 padding)."""
+    lengths = [len(g.context) + sum(len(c) - 1 for c in g.continuations) for g in groups]
+    width = max(lengths)
+    ids = torch.full((len(groups), width), pad_id, dtype=torch.long)
+    positions = torch.zeros((len(groups), width), dtype=torch.long)
+    segments = torch.full((len(groups), width), -1, dtype=torch.long)
+    for r, g in enumerate(groups):
+        n = len(g.context)
+        ids[r, :n], positions[r, :n], segments[r, :n] = torch.tensor(g.context), torch.arange(n), 0
+        at = n
+        for k, cont in enumerate(g.continuations):
+            m = len(cont) - 1
+            ids[r, at : at + m] = torch.tensor(cont[:-1])
+            positions[r, at : at + m] = torch.arange(n, n + m)
+            segments[r, at : at + m] = k + 1
+            at += m
+    return ids, positions, segments
+
+
+def _block_mask(segments: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Additive [batch, 1, query, key] mask: causal, and a choice sees the context and itself, never another choice.
+    Padding attends to itself only, so no softmax row is empty."""
+    width = segments.shape[1]
+    q, k = segments[:, :, None], segments[:, None, :]
+    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    allowed = causal & (k >= 0) & ((k == 0) | (k == q))
+    allowed |= torch.eye(width, dtype=torch.bool)
+    mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
+    return mask[:, None]
+
+
+def _score_targets(groups: Sequence[_Group]) -> tuple[list[tuple[int, int]], list[int], list[int]]:
+    """For every continuation token: (row, position) whose output predicts it, its id, and its choice's flat index.
+    A choice's first token is predicted by the context's last position, shared by all of the group's choices."""
+    where: list[tuple[int, int]] = []
+    targets: list[int] = []
+    owner: list[int] = []
+    flat = 0
+    for r, g in enumerate(groups):
+        at = len(g.context)
+        for cont in g.continuations:
+            where.append((r, len(g.context) - 1))
+            where.extend((r, at + j) for j in range(len(cont) - 1))
+            targets.extend(cont)
+            owner.extend([flat] * len(cont))
+            at += len(cont) - 1
+            flat += 1
+    return where, targets, owner
+
+
 @torch.no_grad()
 def _score_groups(model: Any, pad_id: int, groups: Sequence[_Group]) -> list[list[float]]:
-    """Summed continuation log-probs: one left-padded pass over the contexts, then every choice's remaining tokens
-    in one right-padded pass on top of its context's KV cache."""
+    """Summed continuation log-probs with one forward pass per batch: each item's context and all of its choices
+    packed in one row under a block attention mask, so the context is computed once and nothing is copied per choice;
+    the vocabulary projection runs only at the positions that predict a continuation token."""
     device = next(model.parameters()).device
-    width = max(len(g.context) for g in groups)
-    ids = torch.full((len(groups), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(groups), width), dtype=torch.long)
-    for r, g in enumerate(groups):
-        ids[r, width - len(g.context) :] = torch.tensor(g.context)
-        mask[r, width - len(g.context) :] = 1
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    # only the last context position is scored here: skipping the LM head elsewhere is much of the saving over lm-eval
-    out = model(
-        input_ids=ids.to(device),
-        attention_mask=mask.to(device),
-        position_ids=positions.to(device),
-        use_cache=True,
-        logits_to_keep=1,
-    )
-    first = torch.log_softmax(out.logits[:, -1, :].float(), dim=-1)
-
-    rows = [(r, cont) for r, g in enumerate(groups) for cont in g.continuations]
-    scores = [float(first[r, cont[0]]) for r, cont in rows]
-    rest = max(len(cont) - 1 for _, cont in rows)
-    if rest > 0:
-        cache = out.past_key_values
-        cache.reorder_cache(torch.tensor([r for r, _ in rows], device=device))
-        ids2 = torch.full((len(rows), rest), pad_id, dtype=torch.long)
-        mask2 = torch.zeros((len(rows), rest), dtype=torch.long)
-        for j, (_, cont) in enumerate(rows):
-            ids2[j, : len(cont) - 1] = torch.tensor(cont[:-1])
-            mask2[j, : len(cont) - 1] = 1
-        ctx_rows = torch.tensor([r for r, _ in rows])
-        full_mask = torch.cat([mask[ctx_rows], mask2], dim=1)
-        positions2 = mask[ctx_rows].sum(-1, keepdim=True) + torch.arange(rest)
-        out2 = model(
-            input_ids=ids2.to(device),
-            attention_mask=full_mask.to(device),
-            position_ids=positions2.to(device),
-            past_key_values=cache,
-            use_cache=True,
-        )
-        logprobs = torch.log_softmax(out2.logits.float(), dim=-1)
-        for j, (_, cont) in enumerate(rows):
-            n = len(cont) - 1
-            if n:
-                targets = torch.tensor(cont[1:], device=device)
-                scores[j] += float(logprobs[j, :n].gather(-1, targets[:, None]).sum())
+    dtype = next(model.parameters()).dtype
+    ids, positions, segments = _packed_rows(groups, pad_id)
+    inputs = {
+        "input_ids": ids.to(device),
+        "position_ids": positions.to(device),
+        "attention_mask": _block_mask(segments, dtype if dtype.is_floating_point else torch.float32).to(device),
+        "use_cache": False,
+    }
+    where, targets, owner = _score_targets(groups)
+    unique = sorted(set(where))
+    index = {rp: u for u, rp in enumerate(unique)}
+    rows = torch.tensor([r for r, _ in unique], device=device)
+    cols = torch.tensor([p for _, p in unique], device=device)
+    parts = _decoder_and_head(model)
+    if parts is None:
+        logits = model(**inputs).logits[rows, cols]
+    else:
+        decoder, head = parts
+        logits = head(decoder(**inputs).last_hidden_state[rows, cols])
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    token_lp = logprobs[torch.tensor([index[w] for w in where], device=device), torch.tensor(targets, device=device)]
+    sums = torch.zeros(sum(len(g.continuations) for g in groups), dtype=torch.float64, device=device)
+    sums.index_add_(0, torch.tensor(owner, device=device), token_lp.double())
+    values = sums.tolist()
     per_group: list[list[float]] = []
     j = 0
     for g in groups:
-        per_group.append(scores[j : j + len(g.continuations)])
+        per_group.append(values[j : j + len(g.continuations)])
         j += len(g.continuations)
     return per_group
 
@@ -653,10 +700,10 @@ def score_choice_requests(
     """Summed log-likelihood of every choice of every item (lm-eval's ``loglikelihood`` values)."""
     groups = _groups(tokenizer, items, _model_max_length(model))
     scores: list[list[float]] = [[0.0] * len(reqs) for reqs in items]
-    # batches of similar continuation length: the choice pass (full LM head) is padded to its longest continuation
+    # batches of similar packed length, longest first (an out-of-memory error shows on the first batch)
     order = sorted(
         range(len(groups)),
-        key=lambda g: (-max(len(c) for c in groups[g].continuations), -len(groups[g].context)),
+        key=lambda g: -(len(groups[g].context) + sum(len(c) - 1 for c in groups[g].continuations)),
     )
     for start in range(0, len(order), batch_size):
         batch = [groups[g] for g in order[start : start + batch_size]]
