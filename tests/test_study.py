@@ -89,6 +89,44 @@ def test_changing_one_temperature_reruns_only_affected_jobs(tmp_path: Path) -> N
     assert set(table["Method"]) == {"BaseModel", "SFT", "student_KD_temp_1.0", "student_KD_temp_5.0"}
     assert (tmp_path / "s" / "report.html").is_file() and (tmp_path / "s" / "stats.json").is_file()
 
+    # --redo: the fidelity jobs and what depends on them are computed again, from scratch, to the same tables
+    before = {name: (tmp_path / "s" / name).read_text() for name in ("cs_results.csv", "agreement.csv", "joint.csv")}
+    (tmp_path / "s" / "agreement.csv").unlink()
+    redone = run_study(changed, tmp_path / "s", progress=False, log=lambda m: None, redo=["fidelity"])
+    assert sorted(j.kind for j in expand(changed) if j.key in redone.ran) == ["analysis", "fidelity", "fidelity"]
+    assert {name: (tmp_path / "s" / name).read_text() for name in before} == before
+    agreement = pd.read_csv(tmp_path / "s" / "agreement.csv")
+    assert not agreement.duplicated().any() and (agreement["Method"] == "SFT").sum() == 1
+    with pytest.raises(InputError, match=r"--redo.*'train'.*choose from"):
+        run_study(changed, tmp_path / "s", progress=False, log=lambda m: None, redo=["train"])
+
+
+def test_study_pairs_one_sft_and_best_kd_row_per_pair_and_domain() -> None:
+    """Fidelity jobs repeat their pair's SFT row, seeds are averaged, and each domain keeps its own row (the tasks
+    of one domain are NaN in the other's rows)."""
+    from kdscope.pipeline import pooled_joint, study_pairs
+
+    pair = {"Teacher": "T", "Student": "S", "Pair": "T -> S"}
+    rows = []
+    for seed, shift in ((1, 0.0), (2, 10.0)):
+        for method, value in (("student_KD_temp_1.0", 50.0), ("student_RevKD_temp_1.0", 70.0)):
+            rows.append({**pair, "Domain": "math", "Seed": seed, "Method": "SFT", "gsm8k": 20.0 + shift})
+            rows.append({**pair, "Domain": "math", "Seed": seed, "Method": method, "gsm8k": value + shift})
+            rows.append({**pair, "Domain": "commonsense", "Seed": seed, "Method": "SFT", "boolq": 30.0 + shift})
+            rows.append({**pair, "Domain": "commonsense", "Seed": seed, "Method": method, "boolq": 100 - value})
+    table = study_pairs(pd.DataFrame(rows))
+    assert list(table.columns) == ["Teacher", "Student", "Pair", "Method", "gsm8k", "boolq"]
+    got = {(r.Method, c): getattr(r, c) for r in table.itertuples() for c in ("gsm8k", "boolq") if pd.notna(getattr(r, c))}
+    # best KD: RevKD in math (75 > 55 averaged over seeds), KD in commonsense (50 > 30)
+    assert got == {("SFT", "gsm8k"): 25.0, ("SFT", "boolq"): 35.0, ("KD", "gsm8k"): 75.0, ("KD", "boolq"): 50.0}
+    assert len(table) == 4
+
+    joint = pd.DataFrame([{"Domain": "math", "Seed": seed, "Teacher": "T", "Student": "S", "Method": m, "task": "gsm8k",
+                           "both": 1, "teacher_only": 2, "student_only": 3, "neither": 4}
+                          for seed in (1, 2) for m in ("SFT", "SFT", "student_KD_temp_1.0")])
+    pooled = pooled_joint(joint)
+    assert pooled[["Method", "both", "neither"]].values.tolist() == [["SFT", 2, 8], ["student_KD_temp_1.0", 2, 8]]
+
 
 def test_killed_study_resumes_to_identical_results(tmp_path: Path) -> None:
     """SIGKILL at random points (seeded), resume until done; results equal an uninterrupted run."""

@@ -350,12 +350,12 @@ def report_cmd(
     typer.echo(f"wrote {path} and {path.with_suffix('.md')}")
 
 
-def _run_study(study_path: Path, out: Optional[Path], progress: bool) -> Path:
+def _run_study(study_path: Path, out: Optional[Path], progress: bool, redo: Sequence[str] = ()) -> Path:
     from .study import load_study, run_study, study_dir
 
     study = load_study(study_path)
     root = study_dir(study, out)
-    summary = run_study(study, root, progress=progress, log=lambda m: typer.echo(m, err=True))
+    summary = run_study(study, root, progress=progress, log=lambda m: typer.echo(m, err=True), redo=redo)
     typer.echo(f"{len(summary.ran)} jobs run, {len(summary.skipped)} already done, {len(summary.failed)} failed, "
                f"{len(summary.blocked)} blocked; outputs in {root}")
     for key, err in summary.failed.items():
@@ -373,9 +373,12 @@ def run_cmd(
     study: Path = typer.Argument(..., help="Study YAML file."),
     out: Optional[Path] = typer.Option(None, "--out", help="Study folder (default runs/<study name>)."),
     progress: bool = typer.Option(True, "--progress/--quiet", help="Show progress bars."),
+    redo: list[str] = typer.Option([], "--redo", help="Compute the jobs of this kind again from scratch, and "
+                                   "everything downstream (repeatable): pretrain, sft, cache, kd, eval, fidelity, "
+                                   "analysis. E.g. --redo analysis after upgrading kdscope."),
 ) -> None:
     """Run a study: expand it into jobs and run what is missing or changed (a killed run resumes)."""
-    _run_study(study, out, progress)
+    _run_study(study, out, progress, redo)
 
 
 @app.command("demo")

@@ -204,10 +204,13 @@ def _fidelity(job: Job, out: Path, root: Path, store: StudyStore, progress: bool
     return {"rows": rows}
 
 
-def _frame(rows: list[dict[str, Any]]) -> pd.DataFrame | None:
+def _frame(rows: list[dict[str, Any]], keep_origin: bool = False) -> pd.DataFrame | None:
+    """Rows as a table; ``keep_origin`` keeps the store's domain and seed as ``Domain``/``Seed`` columns."""
     if not rows:
         return None
-    return pd.DataFrame([{k: v for k, v in r.items() if not k.startswith("_")} for r in rows])
+    origin = {"_domain": "Domain", "_seed": "Seed"} if keep_origin else {}
+    return pd.DataFrame([{origin.get(k, k): v for k, v in r.items() if not k.startswith("_") or k in origin}
+                         for r in rows])
 
 
 def study_tables(job: Job, store: StudyStore) -> dict[str, pd.DataFrame | None]:
@@ -216,22 +219,38 @@ def study_tables(job: Job, store: StudyStore) -> dict[str, pd.DataFrame | None]:
     results = _frame(store.rows("result", keys))
     return {
         "results": results,
-        "agreement": _study_pairs(_frame(store.rows("agreement", keys))),
-        "fidelity": _study_pairs(_frame(store.rows("fidelity", keys))),
-        "joint": _frame(store.rows("joint", keys)),
+        "agreement": study_pairs(_frame(store.rows("agreement", keys), keep_origin=True)),
+        "fidelity": study_pairs(_frame(store.rows("fidelity", keys), keep_origin=True)),
+        "joint": pooled_joint(_frame(store.rows("joint", keys), keep_origin=True)),
     }
 
 
-def _study_pairs(table: pd.DataFrame | None) -> pd.DataFrame | None:
-    """The study's EM1/BLEU layout has one SFT and one KD row per pair: keep each pair's SFT row and, as its KD row,
-    the KD student with the best mean value (other rows stay in the full table)."""
+def pooled_joint(table: pd.DataFrame | None) -> pd.DataFrame | None:
+    """Joint-correctness counts per (teacher, student, method, task), pooled over seeds; each fidelity job repeats
+    its pair's SFT rows, which count once."""
     if table is None:
         return None
-    sft = table[table["Method"] == "SFT"].drop_duplicates(["Teacher", "Student"])
-    kd = table[table["Method"] != "SFT"]
-    values = kd.drop(columns=["Teacher", "Student", "Pair", "Method"]).select_dtypes("number").mean(axis=1)
-    best = kd.assign(_v=values).sort_values("_v", ascending=False).drop_duplicates(["Teacher", "Student"])
-    return pd.concat([sft, best.drop(columns="_v").assign(Method="KD")], ignore_index=True)
+    unique = table.drop_duplicates().drop(columns=["Domain", "Seed"])
+    return unique.groupby(["Teacher", "Student", "Method", "task"], sort=False, as_index=False).sum(numeric_only=True)
+
+
+PAIR_KEYS = ["Domain", "Teacher", "Student", "Pair", "Method"]
+
+
+def study_pairs(table: pd.DataFrame | None) -> pd.DataFrame | None:
+    """The study's EM1/BLEU layout: one SFT and one KD row per pair and domain. Each fidelity job repeats its pair's
+    SFT row, and seeds are averaged; the KD row is the KD student with the best mean value (the full table keeps
+    every method). ``table`` needs ``Domain`` and ``Seed`` columns; the result has neither."""
+    if table is None:
+        return None
+    means = table.drop(columns="Seed").groupby(PAIR_KEYS, sort=False, as_index=False).mean(numeric_only=True)
+    means = means.dropna(axis=1, how="all")
+    sft = means[means["Method"] == "SFT"]
+    kd = means[means["Method"] != "SFT"]
+    values = kd.drop(columns=PAIR_KEYS).mean(axis=1)
+    best = kd.assign(_v=values).sort_values("_v", ascending=False, kind="stable")
+    best = best.drop_duplicates(["Domain", "Teacher", "Student"]).drop(columns="_v").assign(Method="KD")
+    return pd.concat([sft, best], ignore_index=True).drop(columns="Domain")
 
 
 def _analysis(job: Job, out: Path, root: Path, store: StudyStore, progress: bool) -> dict[str, Any]:
@@ -287,8 +306,9 @@ def export_tables(store: StudyStore, job: Job, root: Path) -> list[Path]:
             written.append(root / name)
             frame.to_csv(written[-1], index=False)
     for kind in ("agreement", "fidelity", "joint"):
-        frame = _frame(store.rows(kind, keys))
+        frame = _frame(store.rows(kind, keys), keep_origin=True)
         if frame is not None:
+            frame = frame.drop_duplicates()  # every fidelity job of a pair repeats the pair's SFT rows
             written.append(root / f"{kind}.csv")
             frame.to_csv(written[-1], index=False)
     return written

@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import sqlite3
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Literal
+from typing import Any, Callable, Iterator, Literal, Sequence, get_args
 
 import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
@@ -484,13 +485,31 @@ def study_dir(study: Study, out: str | Path | None) -> Path:
 
 
 def run_study(study: Study, out: str | Path | None = None, progress: bool = True,
-              log: Callable[[str], None] = print) -> RunSummary:
-    """Run every job that is not done yet; a failed job is reported and blocks only its dependents."""
+              log: Callable[[str], None] = print, redo: Sequence[str] = ()) -> RunSummary:
+    """Run every job that is not done yet; a failed job is reported and blocks only its dependents. Jobs of the
+    kinds in ``redo`` (and everything downstream of them) are computed again from scratch."""
     from .executors import make_backend, run_jobs
 
     root = study_dir(study, out)
     root.mkdir(parents=True, exist_ok=True)
     (root / "study.json").write_text(study.model_dump_json(indent=1))
     store = StudyStore(root / "study.sqlite")
+    jobs = expand(study)
+    for job in jobs_to_redo(jobs, redo):
+        if store.status(job.key) is not None:
+            store.mark(job, "pending")
+        shutil.rmtree(root / "jobs" / job.folder, ignore_errors=True)  # else the job would resume its old outputs
     backend = make_backend(study, root, progress)
-    return run_jobs(expand(study), store, backend, RunSummary(out_dir=root), log, progress)
+    return run_jobs(jobs, store, backend, RunSummary(out_dir=root), log, progress)
+
+
+def jobs_to_redo(jobs: Sequence[Job], kinds: Sequence[str]) -> list[Job]:
+    """The jobs of the given kinds and every job that depends on one of them, in graph order."""
+    unknown = sorted(set(kinds) - set(get_args(JobKind)))
+    if unknown:
+        raise InputError(f"--redo: unknown job kind(s) {unknown}; choose from {list(get_args(JobKind))}")
+    chosen: set[str] = set()
+    for job in jobs:  # expand() lists a job after everything it depends on
+        if job.kind in kinds or any(d.key in chosen for d in job.deps.values()):
+            chosen.add(job.key)
+    return [j for j in jobs if j.key in chosen]
