@@ -43,7 +43,12 @@ STUDY_FOLDERS = {"boolq": "boolq", "piqa": "piqa", "siqa": "social_i_qa", "winog
 def sharp_model() -> tuple[object, object]:
     """A built-in tiny model with weights scaled up, so greedy decoding is decisive and differs between prompts
     (at the default init scale every prompt decodes to the same whitespace)."""
-    model, tok = build_tiny_model("tiny-qwen-m", seed=0)
+    return _scaled("tiny-qwen-m")
+
+
+def _scaled(name: str, attn: str = "sdpa") -> tuple[object, object]:
+    model, tok = build_tiny_model(name, seed=0)
+    model.config._attn_implementation = attn
     with torch.no_grad():
         for p in model.parameters():
             p.mul_(3.0)
@@ -123,18 +128,7 @@ def test_loglik_equals_direct_computation(sharp_model, shared_data: Path, prompt
         assert values == pytest.approx([_direct_loglik(model, tok, r) for r in requests], abs=1e-4)
 
 
-def _scaled(name: str, attn: str = "sdpa") -> tuple[object, object]:
-    model, tok = build_tiny_model(name, seed=0)
-    model.config._attn_implementation = attn
-    with torch.no_grad():
-        for p in model.parameters():
-            p.mul_(3.0)
-    return model.eval(), tok
-
-
-@pytest.mark.parametrize(
-    "variant", ["llama", "qwen-eager", "qwen-lora", "qwen-no-head-split"]
-)
+@pytest.mark.parametrize("variant", ["llama", "qwen-eager", "qwen-lora", "qwen-no-head-split"])
 def test_packed_scoring_equals_direct_computation(shared_data: Path, variant: str) -> None:
     """The packed pass (context + all choices in one row under a block mask, LM head only where scored) against one
     plain forward per choice: on another architecture, eager attention, through a PEFT LoRA wrapper with non-zero
