@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from kdscope.cli import app
 from kdscope.errors import InputError
-from kdscope.study import Study, StudyStore, builtin_study, expand, load_study, run_study
+from kdscope.study import Study, StudyStore, builtin_study, expand, job_dir, load_study, run_study
 
 MICRO = {
     "name": "micro",
@@ -92,8 +92,12 @@ def test_changing_one_temperature_reruns_only_affected_jobs(tmp_path: Path) -> N
     # --redo: the fidelity jobs and what depends on them are computed again, from scratch, to the same tables
     before = {name: (tmp_path / "s" / name).read_text() for name in ("cs_results.csv", "agreement.csv", "joint.csv")}
     (tmp_path / "s" / "agreement.csv").unlink()
+    fidelity_jobs = [j for j in expand(changed) if j.kind == "fidelity"]
+    stale = job_dir(tmp_path / "s", fidelity_jobs[0]) / "stale.txt"
+    stale.write_text("an output of the old run")
     redone = run_study(changed, tmp_path / "s", progress=False, log=lambda m: None, redo=["fidelity"])
     assert sorted(j.kind for j in expand(changed) if j.key in redone.ran) == ["analysis", "fidelity", "fidelity"]
+    assert not stale.exists()  # from scratch: the job's folder was cleared, not resumed
     assert {name: (tmp_path / "s" / name).read_text() for name in before} == before
     agreement = pd.read_csv(tmp_path / "s" / "agreement.csv")
     assert not agreement.duplicated().any() and (agreement["Method"] == "SFT").sum() == 1
@@ -102,8 +106,8 @@ def test_changing_one_temperature_reruns_only_affected_jobs(tmp_path: Path) -> N
 
 
 def test_study_pairs_one_sft_and_best_kd_row_per_pair_and_domain() -> None:
-    """Fidelity jobs repeat their pair's SFT row, seeds are averaged, and each domain keeps its own row (the tasks
-    of one domain are NaN in the other's rows)."""
+    """Seeds are averaged (an SFT row that repeats within a seed changes nothing), and each domain keeps its own
+    row (the tasks of one domain are NaN in the other's rows)."""
     from kdscope.pipeline import pooled_joint, study_pairs
 
     pair = {"Teacher": "T", "Student": "S", "Pair": "T -> S"}
@@ -123,7 +127,7 @@ def test_study_pairs_one_sft_and_best_kd_row_per_pair_and_domain() -> None:
 
     joint = pd.DataFrame([{"Domain": "math", "Seed": seed, "Teacher": "T", "Student": "S", "Method": m, "task": "gsm8k",
                            "both": 1, "teacher_only": 2, "student_only": 3, "neither": 4}
-                          for seed in (1, 2) for m in ("SFT", "SFT", "student_KD_temp_1.0")])
+                          for seed in (1, 2) for m in ("SFT", "student_KD_temp_1.0")])
     pooled = pooled_joint(joint)
     assert pooled[["Method", "both", "neither"]].values.tolist() == [["SFT", 2, 8], ["student_KD_temp_1.0", 2, 8]]
 

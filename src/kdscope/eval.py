@@ -559,6 +559,11 @@ class _Group:
     choices: list[int]  # positions within the item
     continuations: list[list[int]]
 
+    @property
+    def packed_length(self) -> int:
+        """Tokens of its packed row: the context, then each choice but its last token (only ever a target)."""
+        return len(self.context) + sum(len(c) - 1 for c in self.continuations)
+
 
 def _groups(tokenizer: Any, items: Sequence[Sequence[ChoiceRequest]], max_length: int) -> list[_Group]:
     groups: list[_Group] = []
@@ -600,8 +605,7 @@ def _packed_rows(groups: Sequence[_Group], pad_id: int) -> tuple[torch.Tensor, t
     """Each group as one right-padded row: its context, then every choice's tokens but the last (the last token is
     only ever a target). Returns input ids, position ids (each choice restarts after the context) and segment ids
     (0 context, k + 1 choice k, -1 padding)."""
-    lengths = [len(g.context) + sum(len(c) - 1 for c in g.continuations) for g in groups]
-    width = max(lengths)
+    width = max(g.packed_length for g in groups)
     ids = torch.full((len(groups), width), pad_id, dtype=torch.long)
     positions = torch.zeros((len(groups), width), dtype=torch.long)
     segments = torch.full((len(groups), width), -1, dtype=torch.long)
@@ -703,7 +707,7 @@ def score_choice_requests(
     # batches of similar packed length, longest first (an out-of-memory error shows on the first batch)
     order = sorted(
         range(len(groups)),
-        key=lambda g: -(len(groups[g].context) + sum(len(c) - 1 for c in groups[g].continuations)),
+        key=lambda g: -groups[g].packed_length,
     )
     for start in range(0, len(order), batch_size):
         batch = [groups[g] for g in order[start : start + batch_size]]

@@ -14,14 +14,10 @@ from typing import Any
 import pandas as pd
 
 from .data import Example, load_task, load_training_data
-from .study import Job, StudyStore
+from .study import Job, StudyStore, job_dir
 
 TABLE_NAMES = {"math": "math_results.csv", "commonsense": "cs_results.csv"}
 SYNTHETIC_TEST_SEED_OFFSET = 10_000  # test items come from other seeds than training items
-
-
-def job_dir(root: Path, job: Job) -> Path:
-    return root / "jobs" / job.folder
 
 
 def run_job(job: Job, root: Path, store: StudyStore, progress: bool = True) -> dict[str, Any]:
@@ -116,7 +112,7 @@ def _kd(job: Job, out: Path, root: Path, store: StudyStore, progress: bool) -> d
     s = p["settings"]
     teacher_base = _base_ref(job, root, "teacher", "teacher_base")
     trained = _teacher_trained(job, root)
-    needs_model = "cache" not in job.deps or s["objective"] in ("gkd", "seqkd")
+    needs_model = "cache" not in job.deps or s["objective"] == "gkd"  # seqkd runs never get a cache
     teacher_model, teacher_tok = _load(teacher_base, trained, job) if needs_model else (None, load_tokenizer(teacher_base))
     online = None if teacher_model is None else OnlineTeacher(
         teacher_model, topk=s.get("teacher_topk"), noise_sigma=s.get("noise_sigma", 0.0), seed=p["seed"],
@@ -219,28 +215,33 @@ def study_tables(job: Job, store: StudyStore) -> dict[str, pd.DataFrame | None]:
     results = _frame(store.rows("result", keys))
     return {
         "results": results,
-        "agreement": study_pairs(_frame(store.rows("agreement", keys), keep_origin=True)),
-        "fidelity": study_pairs(_frame(store.rows("fidelity", keys), keep_origin=True)),
-        "joint": pooled_joint(_frame(store.rows("joint", keys), keep_origin=True)),
+        "agreement": study_pairs(_side_table(store, "agreement", keys)),
+        "fidelity": study_pairs(_side_table(store, "fidelity", keys)),
+        "joint": pooled_joint(_side_table(store, "joint", keys)),
     }
 
 
+def _side_table(store: StudyStore, kind: str, keys: list[str]) -> pd.DataFrame | None:
+    """Agreement, fidelity or joint-correctness rows with ``Domain`` and ``Seed``. Every fidelity job of a pair
+    compares the same SFT evaluation with the same teacher evaluation, so its SFT rows repeat: they are kept once."""
+    frame = _frame(store.rows(kind, keys), keep_origin=True)
+    return None if frame is None else frame.drop_duplicates(ignore_index=True)
+
+
 def pooled_joint(table: pd.DataFrame | None) -> pd.DataFrame | None:
-    """Joint-correctness counts per (teacher, student, method, task), pooled over seeds; each fidelity job repeats
-    its pair's SFT rows, which count once."""
+    """Joint-correctness counts per (teacher, student, method, task), pooled over seeds."""
     if table is None:
         return None
-    unique = table.drop_duplicates().drop(columns=["Domain", "Seed"])
-    return unique.groupby(["Teacher", "Student", "Method", "task"], sort=False, as_index=False).sum(numeric_only=True)
+    return table.drop(columns=["Domain", "Seed"]).groupby(["Teacher", "Student", "Method", "task"], sort=False, as_index=False).sum(numeric_only=True)
 
 
 PAIR_KEYS = ["Domain", "Teacher", "Student", "Pair", "Method"]
 
 
 def study_pairs(table: pd.DataFrame | None) -> pd.DataFrame | None:
-    """The study's EM1/BLEU layout: one SFT and one KD row per pair and domain. Each fidelity job repeats its pair's
-    SFT row, and seeds are averaged; the KD row is the KD student with the best mean value (the full table keeps
-    every method). ``table`` needs ``Domain`` and ``Seed`` columns; the result has neither."""
+    """The study's EM1/BLEU layout: one SFT and one KD row per pair and domain, seeds averaged; the KD row is the
+    KD student with the best mean value (the full table keeps every method). ``table`` needs ``Domain`` and ``Seed``
+    columns; the result has neither."""
     if table is None:
         return None
     means = table.drop(columns="Seed").groupby(PAIR_KEYS, sort=False, as_index=False).mean(numeric_only=True)
@@ -306,9 +307,8 @@ def export_tables(store: StudyStore, job: Job, root: Path) -> list[Path]:
             written.append(root / name)
             frame.to_csv(written[-1], index=False)
     for kind in ("agreement", "fidelity", "joint"):
-        frame = _frame(store.rows(kind, keys), keep_origin=True)
+        frame = _side_table(store, kind, keys)
         if frame is not None:
-            frame = frame.drop_duplicates()  # every fidelity job of a pair repeats the pair's SFT rows
             written.append(root / f"{kind}.csv")
             frame.to_csv(written[-1], index=False)
     return written

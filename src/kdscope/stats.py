@@ -213,9 +213,9 @@ def seed_summary(results: pd.DataFrame, confidence: float = CONFIDENCE) -> pd.Da
 def row_domains(results: pd.DataFrame) -> pd.Series:
     """Which domain(s) each row has scores for: a model's math and commonsense rows share Teacher, Student and
     Method (and the Average column), so seed aggregation must keep them apart."""
-    columns = domain_columns(results)
-    return pd.Series(["+".join(d for d, cols in columns.items() if row[cols].notna().any())
-                      for _, row in results.iterrows()], index=results.index, dtype=object)
+    has = {domain: results[cols].notna().any(axis=1) for domain, cols in domain_columns(results).items()}
+    return pd.Series(["+".join(d for d in has if has[d].iloc[i]) for i in range(len(results))], index=results.index,
+                     dtype=object)
 
 
 def collapse_seeds(results: pd.DataFrame) -> pd.DataFrame:

@@ -212,6 +212,11 @@ class Job:
         return f"{self.kind}-{self.key}"
 
 
+def job_dir(root: Path, job: Job) -> Path:
+    """Where a job of the study folder ``root`` keeps its outputs (checkpoints, per-item JSONL, caches)."""
+    return root / "jobs" / job.folder
+
+
 def _settings(study: Study, domain: Domain, part: str, **extra: Any) -> dict[str, Any]:
     lora = study.training.lora.model_dump() if study.training.lora else None
     return {**study.training.common, **domain.training, **getattr(study.training, part), "lora": lora, **extra}
@@ -293,7 +298,7 @@ def _kd_variants(study: Study, teacher: str) -> list[dict[str, Any]]:
         for t in study.temperatures:
             out.append({"method": method, "temperature": t, "label": f"student_{METHODS[method]['label']}_temp_{t}"})
     ab = study.ablations
-    if ab.teachers is not None and teacher not in ab.teachers:
+    if not _ablated(study, teacher):
         return out
     label = METHODS[ab.method]["label"]
     if ab.base_teacher:
@@ -305,6 +310,11 @@ def _kd_variants(study: Study, teacher: str) -> list[dict[str, Any]]:
     return out
 
 
+def _ablated(study: Study, teacher: str) -> bool:
+    """Whether the teacher-signal ablations run for this teacher (``ablations.teachers``, default all)."""
+    return study.ablations.teachers is None or teacher in study.ablations.teachers
+
+
 def _cache_jobs(study: Study, domain: Domain, seed: int, teacher: ModelEntry, teacher_sft: Job,
                 teacher_base: Job | None) -> dict[bool, Job]:
     """With ``training.kd.teacher_topk`` set, one teacher pass per (teacher, domain, seed) - and one more for the
@@ -313,8 +323,7 @@ def _cache_jobs(study: Study, domain: Domain, seed: int, teacher: ModelEntry, te
     if not kd.get("teacher_topk"):
         return {}
     temperatures = sorted({1.0, *study.temperatures, study.ablations.temperature})
-    ablated = study.ablations.teachers is None or teacher.name in study.ablations.teachers
-    variants = [False, True] if study.ablations.base_teacher and ablated else [False]
+    variants = [False, True] if study.ablations.base_teacher and _ablated(study, teacher.name) else [False]
     jobs = {}
     for base in variants:
         params = {"teacher": teacher.model, "train": domain.train, "seed": seed, "k": kd["teacher_topk"],
@@ -490,15 +499,16 @@ def run_study(study: Study, out: str | Path | None = None, progress: bool = True
     kinds in ``redo`` (and everything downstream of them) are computed again from scratch."""
     from .executors import make_backend, run_jobs
 
+    jobs = expand(study)
+    again = jobs_to_redo(jobs, redo)
     root = study_dir(study, out)
     root.mkdir(parents=True, exist_ok=True)
     (root / "study.json").write_text(study.model_dump_json(indent=1))
     store = StudyStore(root / "study.sqlite")
-    jobs = expand(study)
-    for job in jobs_to_redo(jobs, redo):
+    for job in again:
         if store.status(job.key) is not None:
             store.mark(job, "pending")
-        shutil.rmtree(root / "jobs" / job.folder, ignore_errors=True)  # else the job would resume its old outputs
+        shutil.rmtree(job_dir(root, job), ignore_errors=True)  # else the job would resume its old outputs
     backend = make_backend(study, root, progress)
     return run_jobs(jobs, store, backend, RunSummary(out_dir=root), log, progress)
 
