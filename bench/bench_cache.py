@@ -36,7 +36,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from kdscope.cache import CachedTeacher, CacheKey, TeacherCache, cache_divergence_error, cache_key, data_digest
 from kdscope.losses import distill_loss_sparse
-from kdscope.signal import OnlineTeacher
+from kdscope.teacher import OnlineTeacher
 
 VOCAB = 151936  # Qwen2.5-0.5B/1.5B/3B logit width
 BATCH, SEQ = 4, 256

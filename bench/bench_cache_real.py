@@ -53,7 +53,7 @@ def run_variant(args: argparse.Namespace) -> dict[str, float]:
 
     from kdscope.cache import CachedTeacher, TeacherCache
     from kdscope.models import load_model
-    from kdscope.signal import OnlineTeacher
+    from kdscope.teacher import OnlineTeacher
     from kdscope.train import batch_loss, collate, encode_example, prepare_student
 
     torch.manual_seed(0)

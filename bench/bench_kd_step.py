@@ -7,7 +7,7 @@ during the timed steps (reset through /proc/self/clear_refs after the warm-up st
 i.e. what the step itself needs on top of models, batch and optimizer state.
 
 Variants (same models, batch, token set and optimizer; only the loss path differs):
-- kdscope: ``kdscope.signal.OnlineTeacher`` + ``kdscope.losses.distill_loss(loss="forward_kl")``, which compares the
+- kdscope: ``kdscope.teacher.OnlineTeacher`` + ``kdscope.losses.distill_loss(loss="forward_kl")``, which compares the
   unshifted logits position by position and drops the last position through the mask (no logit slicing).
 - trl:     ``trl.experimental.gkd.GKDTrainer.compute_loss`` itself with beta = 0 (forward KL) and no on-policy
   sampling (lambda = 0), called with a stand-in for the trainer object.
@@ -75,7 +75,7 @@ def next_token_mask(batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 def kdscope_loss() -> StepLoss:
     from kdscope.losses import distill_loss
-    from kdscope.signal import OnlineTeacher
+    from kdscope.teacher import OnlineTeacher
 
     teacher_signal: OnlineTeacher | None = None
 

@@ -69,7 +69,7 @@ def _peak_gib(device: torch.device) -> float | None:
 
 def kd_phase(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     from kdscope.models import load_model
-    from kdscope.signal import OnlineTeacher
+    from kdscope.teacher import OnlineTeacher
     from kdscope.train import TrainSettings, prepare_student, train
 
     _reset_peak(device)

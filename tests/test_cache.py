@@ -25,7 +25,7 @@ from kdscope.cli import app
 from kdscope.errors import InputError
 from kdscope.losses import distill_loss, distill_loss_sparse
 from kdscope.models import build_tiny_model
-from kdscope.signal import OnlineTeacher
+from kdscope.teacher import OnlineTeacher
 from kdscope.synthetic import generate_domain
 from kdscope.train import TrainSettings, collate, encode_example, prepare_student, train
 

@@ -32,7 +32,7 @@ def run_rank(out: Path) -> list[dict]:
     """One rank of the run (or the whole run in a plain process): tiny teacher -> tiny student, LoRA KD."""
     from kdscope.distributed import close_distributed, init_distributed, place_teacher
     from kdscope.models import build_tiny_model
-    from kdscope.signal import OnlineTeacher
+    from kdscope.teacher import OnlineTeacher
     from kdscope.synthetic import generate_domain
     from kdscope.train import TrainSettings, prepare_student, train
 

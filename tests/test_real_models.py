@@ -16,7 +16,7 @@ import torch
 from conftest import require
 from kdscope.losses import distill_loss
 from kdscope.models import load_model
-from kdscope.signal import OnlineTeacher
+from kdscope.teacher import OnlineTeacher
 from kdscope.synthetic import generate_domain
 from kdscope.train import TrainSettings, collate, encode_example, prepare_student, train
 

@@ -10,7 +10,7 @@ import torch
 from kdscope.errors import InputError
 from kdscope.losses import distill_loss
 from kdscope.models import build_tiny_model
-from kdscope.signal import OnlineTeacher
+from kdscope.teacher import OnlineTeacher
 from kdscope.synthetic import generate_domain
 from kdscope.train import (TrainSettings, batch_loss, batch_schedule, collate, encode_example, load_trained,
                            prepare_student, train)

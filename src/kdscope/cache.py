@@ -54,7 +54,7 @@ from torch import Tensor
 
 from .errors import InputError
 from .losses import TailMode, sparse_log_probs, divergence_rows
-from .signal import OnlineTeacher, TeacherOutput
+from .teacher import OnlineTeacher, TeacherOutput
 
 Codec = Literal["zlib", "lzma", "none"]
 CODECS: tuple[str, ...] = ("zlib", "lzma", "none")
@@ -527,7 +527,7 @@ class CachedTeacher:
 
     Rows are looked up by the hash of their unpadded ids (batches right-padded, the attention mask gives the lengths),
     so any subset or order of the cached sequences works (training and validation sets alike). The output is the
-    top-k form of :class:`kdscope.signal.TeacherOutput` at ``temperature``, which must be one the cache was built
+    top-k form of :class:`kdscope.teacher.TeacherOutput` at ``temperature``, which must be one the cache was built
     for. Padding positions hold zeros (they are masked out of every loss).
 
     Noise ablation: Gaussian noise of scale ``noise_sigma`` (seeded CPU generator; ``state_dict``/``load_state_dict``

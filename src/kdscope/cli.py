@@ -142,7 +142,7 @@ def _train(student_ref: str, data: str, out: Path, settings: "TrainSettings", re
     from .data import load_training_data
     from .distributed import PLACEMENTS, close_distributed, default_placement, init_distributed, place_teacher
     from .models import load_model
-    from .signal import OnlineTeacher, check_same_tokenizer
+    from .teacher import OnlineTeacher, check_same_tokenizer
     from .train import prepare_student, train
 
     ctx = init_distributed(device)

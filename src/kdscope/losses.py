@@ -250,7 +250,7 @@ def distill_loss_parts(
     if teacher_logits.shape[-1] != student_logits.shape[-1]:
         raise InputError(
             f"teacher vocab width {teacher_logits.shape[-1]} != student {student_logits.shape[-1]}: "
-            "use kdscope.signal.align_vocab first"
+            "use kdscope.teacher.align_vocab first"
         )
     teacher = teacher_logits.detach()
 
@@ -345,7 +345,7 @@ def distill_loss_sparse(
     - ``tail="renormalise"``: both distributions restricted to the k ids and renormalised.
     - ``tail="tail_bucket"``: k + 1 outcomes, the last holding the mass outside the k ids on each side. The teacher's
       tail mass needs its full normaliser, ``teacher_log_normalizer`` [batch, seq] = logsumexp over the whole
-      vocabulary of teacher_logits / T at this loss's temperature (see ``kdscope.signal.OnlineTeacher``).
+      vocabulary of teacher_logits / T at this loss's temperature (see ``kdscope.teacher.OnlineTeacher``).
 
     With k = vocab both modes equal the dense loss (the tail bucket is then empty and dropped).
     """

@@ -52,7 +52,7 @@ def _load(base_ref: str, trained: Path | None, job: Job) -> tuple[Any, Any]:
 def _train_run(job: Job, out: Path, student_ref: str, examples: list[Example], settings: dict[str, Any],
                progress: bool, teacher: Any = None, teacher_model: Any = None,
                teacher_tokenizer: Any = None) -> dict[str, Any]:
-    from .signal import check_same_tokenizer
+    from .teacher import check_same_tokenizer
     from .train import TrainSettings, prepare_student, train
 
     ts = TrainSettings(**settings)
@@ -106,7 +106,7 @@ def _kd(job: Job, out: Path, root: Path, store: StudyStore, progress: bool) -> d
     back to the online teacher, so GKD still loads it), else online."""
     from .cache import CachedTeacher, TeacherCache
     from .models import load_tokenizer
-    from .signal import OnlineTeacher
+    from .teacher import OnlineTeacher
 
     p = job.params
     s = p["settings"]

@@ -28,7 +28,7 @@ from .errors import InputError
 from .losses import LOSS_NAMES, cross_entropy_parts, distill_loss_parts, distill_loss_sparse
 from .distributed import SINGLE, DistContext, check_window
 from .models import LoraSettings, attach_lora, save_model
-from .signal import TeacherOutput, align_vocab
+from .teacher import TeacherOutput, align_vocab
 
 Objective = Literal["sft", "kd", "gkd", "seqkd"]
 
@@ -156,7 +156,7 @@ def split_validation(examples: Sequence[Example], val_size: int, seed: int) -> t
 # --------------------------------------------------------------------------------------------------------------------
 # Losses on a batch
 # --------------------------------------------------------------------------------------------------------------------
-TeacherFn = Callable[[torch.Tensor, torch.Tensor], TeacherOutput]  # e.g. kdscope.signal.OnlineTeacher
+TeacherFn = Callable[[torch.Tensor, torch.Tensor], TeacherOutput]  # e.g. kdscope.teacher.OnlineTeacher
 
 
 def units(mask: torch.Tensor, reduction: str) -> int:
@@ -383,7 +383,7 @@ def train(
     """Train ``student`` (already wrapped by `prepare_student`) and save the best weights to ``out_dir/final``.
 
     ``teacher`` maps (input_ids, attention_mask) to teacher logits aligned with the student's vocabulary (see
-    kdscope.signal); required for kd/gkd. ``teacher_model`` generates responses for seqkd. ``stop_after`` ends the
+    kdscope.teacher); required for kd/gkd. ``teacher_model`` generates responses for seqkd. ``stop_after`` ends the
     run early after that many steps (used to test resumption); the checkpoint then allows ``resume``.
 
     ``dist`` (from `kdscope.distributed.init_distributed`) makes this one rank of a data-parallel run: every rank

@@ -1,4 +1,4 @@
-"""kdscope.signal: online teacher (dense, top-k, noise, adapter off), vocabulary alignment, error reporting."""
+"""kdscope.teacher: online teacher (dense, top-k, noise, adapter off), vocabulary alignment, error reporting."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 from kdscope.errors import InputError
 from kdscope.losses import distill_loss, distill_loss_sparse
-from kdscope.signal import (
+from kdscope.teacher import (
     OnlineTeacher,
     TeacherSignalError,
     align_vocab,
