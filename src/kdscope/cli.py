@@ -340,7 +340,7 @@ def report_cmd(
     from .stats import read_side_tables, read_tables
 
     if len(results) == 1 and (results[0] / "study.sqlite").is_file():
-        from .pipeline import report_from_store
+        from .study.jobs import report_from_store
 
         path = report_from_store(results[0], out, seed=seed)
         typer.echo(f"wrote {path} and {path.with_suffix('.md')}")

@@ -13,8 +13,8 @@ from typing import Any
 
 import pandas as pd
 
-from .data import Example, load_task, load_training_data
-from .study import Job, StudyStore, job_dir
+from ..data import Example, load_task, load_training_data
+from .spec import Job, StudyStore, job_dir
 
 TABLE_NAMES = {"math": "math_results.csv", "commonsense": "cs_results.csv"}
 SYNTHETIC_TEST_SEED_OFFSET = 10_000  # test items come from other seeds than training items
@@ -39,8 +39,8 @@ def _base_ref(job: Job, root: Path, model_key: str = "model", dep: str = "base")
 
 
 def _load(base_ref: str, trained: Path | None, job: Job) -> tuple[Any, Any]:
-    from .models import load_model
-    from .train import load_trained
+    from ..models import load_model
+    from ..train import load_trained
 
     # built-in models start from one fixed init whatever the study's seed: every job must see the same base weights
     kwargs = {"device": job.params.get("device", "auto"), "trust_remote_code": job.params.get("trust_remote_code", False)}
@@ -52,8 +52,8 @@ def _load(base_ref: str, trained: Path | None, job: Job) -> tuple[Any, Any]:
 def _train_run(job: Job, out: Path, student_ref: str, examples: list[Example], settings: dict[str, Any],
                progress: bool, teacher: Any = None, teacher_model: Any = None,
                teacher_tokenizer: Any = None) -> dict[str, Any]:
-    from .teacher import check_same_tokenizer
-    from .train import TrainSettings, prepare_student, train
+    from ..teacher import check_same_tokenizer
+    from ..train import TrainSettings, prepare_student, train
 
     ts = TrainSettings(**settings)
     student, tok = _load(student_ref, None, job)
@@ -88,7 +88,7 @@ def _teacher_trained(job: Job, root: Path) -> Path | None:
 
 def _cache(job: Job, out: Path, root: Path, store: StudyStore, progress: bool) -> dict[str, Any]:
     """One teacher pass over the domain's training sequences, stored top-k (kdscope.cache)."""
-    from .cache import TeacherCache, cache_key, encode_sequences
+    from ..cache import TeacherCache, cache_key, encode_sequences
 
     p = job.params
     teacher_base = _base_ref(job, root, "teacher", "teacher_base")
@@ -104,9 +104,9 @@ def _cache(job: Job, out: Path, root: Path, store: StudyStore, progress: bool) -
 def _kd(job: Job, out: Path, root: Path, store: StudyStore, progress: bool) -> dict[str, Any]:
     """Distil from the study's teacher: from its top-k cache when the study has one (GKD's on-policy batches fall
     back to the online teacher, so GKD still loads it), else online."""
-    from .cache import CachedTeacher, TeacherCache
-    from .models import load_tokenizer
-    from .teacher import OnlineTeacher
+    from ..cache import CachedTeacher, TeacherCache
+    from ..models import load_tokenizer
+    from ..teacher import OnlineTeacher
 
     p = job.params
     s = p["settings"]
@@ -134,8 +134,8 @@ def _kd(job: Job, out: Path, root: Path, store: StudyStore, progress: bool) -> d
 # --------------------------------------------------------------------------------------------------------------------
 def task_examples(task: dict[str, Any], evaluation: dict[str, Any], seed: int) -> list[Example]:
     """Test items of a task entry: the given data, or built-in generated items (from seeds unseen in training)."""
-    from .synthetic import GENERATORS, generate
-    from .tasks import get_task
+    from ..synthetic import GENERATORS, generate
+    from ..tasks import get_task
 
     name = get_task(task["task"]).name
     if task.get("data"):
@@ -146,7 +146,7 @@ def task_examples(task: dict[str, Any], evaluation: dict[str, Any], seed: int) -
 
 
 def _eval(job: Job, out: Path, root: Path, store: StudyStore, progress: bool) -> dict[str, Any]:
-    from .eval import evaluate_generate, evaluate_loglik, generation_preset, read_done, summary_row
+    from ..eval import evaluate_generate, evaluate_loglik, generation_preset, read_done, summary_row
 
     p = job.params
     ev = p["evaluation"]
@@ -184,7 +184,7 @@ def _by_task(items: list[dict[str, Any]]) -> dict[str, dict[int, dict[str, Any]]
 
 def _fidelity(job: Job, out: Path, root: Path, store: StudyStore, progress: bool) -> dict[str, Any]:
     """Agreement (EM1 layout), rationale BLEU (BLEU layout) and joint correctness of the SFT and the KD student."""
-    from .fidelity import TABLES, compare_task, table_row
+    from ..fidelity import TABLES, compare_task, table_row
 
     p = job.params
     teacher = _by_task(store.items(job.deps["teacher_eval"].key))
@@ -257,8 +257,8 @@ def study_pairs(table: pd.DataFrame | None) -> pd.DataFrame | None:
 def _analysis(job: Job, out: Path, root: Path, store: StudyStore, progress: bool) -> dict[str, Any]:
     import json
 
-    from .report import render_report
-    from .stats import analyse, json_ready
+    from ..report import render_report
+    from ..stats import analyse, json_ready
 
     tables = study_tables(job, store)
     results = tables["results"]
@@ -280,9 +280,9 @@ def _analysis(job: Job, out: Path, root: Path, store: StudyStore, progress: bool
 
 def report_from_store(root: Path, out: Path, seed: int = 0) -> Path:
     """Render the report of a study folder from its store (the study's last `kdscope run` defines its jobs)."""
-    from .errors import InputError
-    from .report import render_report
-    from .study import Study, expand
+    from ..errors import InputError
+    from ..report import render_report
+    from .spec import Study, expand
 
     spec = root / "study.json"
     if not spec.is_file():

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 if TYPE_CHECKING:
-    from .study import Job, RunSummary, Study, StudyStore
+    from .spec import Job, RunSummary, Study, StudyStore
 
 Outcome = tuple[str, "dict[str, Any] | None", "str | None"]  # (job key, result, error)
 
@@ -24,8 +24,8 @@ def execute_job(job: "Job", root: str, threads: int | None, progress: bool = Fal
     """Run one job, returning its error instead of raising, so that one failure stays one job's failure."""
     import torch
 
-    from .pipeline import run_job
-    from .study import StudyStore
+    from .jobs import run_job
+    from .spec import StudyStore
 
     if threads:
         torch.set_num_threads(threads)

@@ -25,9 +25,9 @@ from typing import Any, Callable, Iterator, Literal, Sequence, get_args
 import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
-from .errors import InputError
-from .models import LoraSettings
-from .tasks import get_task
+from ..errors import InputError
+from ..models import LoraSettings
+from ..tasks import get_task
 
 # --------------------------------------------------------------------------------------------------------------------
 # The study file
@@ -144,7 +144,7 @@ class Study(_Strict):
 
     @model_validator(mode="after")
     def _check(self) -> "Study":
-        from .train import TrainSettings
+        from ..train import TrainSettings
 
         parts = [(f"training.{p}", {**self.training.common, **getattr(self.training, p)})
                  for p in ("common", "teacher_sft", "student_sft", "kd")]
@@ -183,7 +183,7 @@ def load_study(path: str | Path) -> Study:
 
 def builtin_study(name: str = "demo") -> Path:
     """Path of a study YAML shipped in the package (``demo``)."""
-    path = Path(__file__).parent / "studies" / f"{name}.yaml"
+    path = Path(__file__).parent.parent / "studies" / f"{name}.yaml"
     if not path.is_file():
         raise InputError(f"no built-in study {name!r}")
     return path
@@ -282,7 +282,7 @@ def expand(study: Study) -> list[Job]:
 def teacher_larger(teacher: ModelEntry, student: ModelEntry) -> bool:
     """The study distils only into smaller students; sizes come from the names (e.g. Qwen2.5-7B), and a pair whose
     sizes cannot be read is kept unless it is the same model."""
-    from .stats import student_size
+    from ..stats import student_size
 
     if teacher.name == student.name:
         return False
