@@ -16,7 +16,8 @@ from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import NullLocator  # noqa: E402
 from scipy import stats  # noqa: E402
 
-from .stats import AVERAGE, domain_columns, kd_method, teacher_name  # noqa: E402
+from .labels import kd_method, teacher_name  # noqa: E402
+from .stats import AVERAGE, domain_columns  # noqa: E402
 
 METHOD_COLOURS = {"SeqKD": "#1f77b4", "RevKD": "#d62728", "GKD": "#2ca02c"}
 JOINT_PARTS = ("both", "teacher_only", "student_only", "neither")

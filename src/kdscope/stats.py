@@ -33,9 +33,9 @@ import pandas as pd
 from scipy import optimize, stats
 
 from .errors import InputError, where
+from .labels import KD_METHODS, is_base_teacher, kd_method, size_or_nan, student_size, teacher_name  # noqa: F401
 from .tasks import canonical_name, get_task
 
-KD_METHODS = ("SeqKD", "RevKD", "GKD")
 METHOD_GROUPS = ("all", *KD_METHODS)
 ID_COLUMNS = ("Teacher", "Student", "Method")
 AVERAGE = "Average"
@@ -45,51 +45,9 @@ CORRELATES = ("teacher_score", "student_size", "student_sft", "agreement", "fide
 CONFIDENCE = 0.95
 N_BOOT = 10_000
 
-_KD_ROW = re.compile(r"^student_(KD|RevKD|GKD)_temp_(\d+(?:\.\d+)?)$")
-_BASE_TEACHER_ROW = re.compile(r"^student_KD_base_teacher_temp_(\d+(?:\.\d+)?)$")
-_SIZE = re.compile(r"(\d+(?:\.\d+)?)([kKmMbB])$")
-_SIZE_UNIT = {"k": 1e-6, "m": 1e-3, "b": 1.0}  # suffix -> billions
-_STUDY_METHOD_NAME = {"KD": "SeqKD", "RevKD": "RevKD", "GKD": "GKD"}
-
-
 # --------------------------------------------------------------------------------------------------------------
-# Parsing the study's names
+# Task columns
 # --------------------------------------------------------------------------------------------------------------
-
-
-def kd_method(label: str) -> tuple[str, float] | None:
-    """``student_RevKD_temp_2.0`` -> ("RevKD", 2.0); ``KD`` is the study's SeqKD. None for any other row
-    (SFT, BaseModel, base-teacher and noise ablations, unknown labels), which the hypothesis tests leave out."""
-    match = _KD_ROW.match(str(label).strip())
-    if match is None:
-        return None
-    return _STUDY_METHOD_NAME[match.group(1)], float(match.group(2))
-
-
-def is_base_teacher(label: str) -> bool:
-    return _BASE_TEACHER_ROW.match(str(label).strip()) is not None
-
-
-def teacher_name(raw: str) -> str:
-    """Drop checkpoint suffixes the study left in teacher names (``Qwen2.5-3B_ckpt2400``), as its notebooks do."""
-    return str(raw).split("_")[0]
-
-
-def student_size(name: str) -> float:
-    """Parameter count in billions from a model name: ``Qwen2.5-0.5B`` -> 0.5, ``Llama-3.2-1B`` -> 1.0,
-    ``TinyQwen-35K`` -> 3.5e-5 (K and M suffixes name the built-in tiny models)."""
-    match = _SIZE.search(str(name).split("/")[-1].split("-")[-1].strip())
-    if match is None:
-        raise InputError(f"cannot read a model size from student name {name!r}; name students like 'Qwen2.5-0.5B'")
-    return float(match.group(1)) * _SIZE_UNIT[match.group(2).lower()]
-
-
-def size_or_nan(name: str) -> float:
-    """Student size, NaN when the name carries none (e.g. a demo model): size tests then skip that row."""
-    try:
-        return student_size(name)
-    except InputError:
-        return math.nan
 
 
 def task_domain(column: str) -> str | None:
