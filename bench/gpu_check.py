@@ -102,7 +102,7 @@ def _prompts(n: int) -> list[str]:
 
 
 def hf_generation_phase(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
-    from kdscope.eval import HFGenerator, generation_preset, run_generation
+    from kdscope.evaluation import HFGenerator, generation_preset, run_generation
     from kdscope.models import load_model
 
     _reset_peak(device)
@@ -119,7 +119,7 @@ def hf_generation_phase(args: argparse.Namespace, device: torch.device) -> dict[
 
 
 def vllm_generation_phase(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
-    from kdscope.eval import VLLMGenerator, generation_preset, run_generation
+    from kdscope.evaluation import VLLMGenerator, generation_preset, run_generation
 
     _reset_peak(device)
     t0 = time.perf_counter()

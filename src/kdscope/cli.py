@@ -102,7 +102,7 @@ def score_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print a JSON object."),
 ) -> None:
     """Re-score saved generations with the study's exact parsing and correctness rule."""
-    from .eval import score_records
+    from .evaluation import score_records
 
     try:
         summary = score_records(task, predictions, field)
@@ -460,8 +460,8 @@ def eval_cmd(
 ) -> None:
     """Evaluate a model on tasks (generative or likelihood); resumes from existing per-item records in --out."""
     from .data import load_task
-    from .eval import (HFGenerator, evaluate_generate_with, evaluate_loglik, generation_preset, make_generator,
-                       summary_row, write_summary_csv)
+    from .evaluation import (HFGenerator, evaluate_generate_with, evaluate_loglik, generation_preset, make_generator,
+                             summary_row, write_summary_csv)
 
     if mode not in ("generate", "loglik"):
         raise InputError(f"--mode {mode!r}: use generate or loglik")

@@ -1,6 +1,6 @@
 """Teacher-student fidelity from per-item generation records on the same prompts (study.md section 4).
 
-Inputs are the JSONL files `kdscope.eval.evaluate_generate` writes (one per task, ``<task>.jsonl`` in a run folder).
+Inputs are the JSONL files `kdscope.evaluation.evaluate_generate` writes (one per task, ``<task>.jsonl`` in a run folder).
 Measures, per task:
 - agreement: share of items whose parsed answers are equal (math: within the study's 0.001 tolerance); an item where
   either model gave no parsable answer does not agree;
@@ -22,7 +22,7 @@ from typing import Any, Sequence
 import torch
 
 from .errors import InputError
-from .eval import read_done
+from .evaluation import read_done
 from .tasks import MATH_TOLERANCE, get_task
 
 Records = dict[int, dict[str, Any]]

@@ -146,7 +146,7 @@ def task_examples(task: dict[str, Any], evaluation: dict[str, Any], seed: int) -
 
 
 def _eval(job: Job, out: Path, root: Path, store: StudyStore, progress: bool) -> dict[str, Any]:
-    from ..eval import evaluate_generate, evaluate_loglik, generation_preset, read_done, summary_row
+    from ..evaluation import evaluate_generate, evaluate_loglik, generation_preset, read_done, summary_row
 
     p = job.params
     ev = p["evaluation"]

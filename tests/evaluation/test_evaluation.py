@@ -10,9 +10,10 @@ import torch
 from typer.testing import CliRunner
 
 from kdscope.cli import app
-from kdscope.data import build_prompt, convert_hf_rows, load_task
+from kdscope.data import convert_hf_rows, load_task
+from kdscope.prompts import build_prompt
 from kdscope.errors import InputError
-from kdscope.eval import (
+from kdscope.evaluation import (
     LOGLIK_TASKS,
     ChoiceRequest,
     HFGenerator,
@@ -133,7 +134,7 @@ def test_packed_scoring_equals_direct_computation(shared_data: Path, variant: st
     """The packed pass (context + all choices in one row under a block mask, LM head only where scored) against one
     plain forward per choice: on another architecture, eager attention, through a PEFT LoRA wrapper with non-zero
     adapters, and on the full-logits fallback taken for models whose logits are more than ``head(hidden)``."""
-    from kdscope.eval import _decoder_and_head
+    from kdscope.evaluation.loglik import _decoder_and_head
     from kdscope.models import attach_lora
 
     name = "tiny-llama-s" if variant == "llama" else "tiny-qwen-m"
