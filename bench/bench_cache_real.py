@@ -54,7 +54,8 @@ def run_variant(args: argparse.Namespace) -> dict[str, float]:
     from kdscope.cache import CachedTeacher, TeacherCache
     from kdscope.models import load_model
     from kdscope.teacher import OnlineTeacher
-    from kdscope.train import batch_loss, collate, encode_example, prepare_student
+    from kdscope.prompts import encode_example
+    from kdscope.train import batch_loss, collate, prepare_student
 
     torch.manual_seed(0)
     settings = _settings(args)

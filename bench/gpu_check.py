@@ -96,7 +96,7 @@ def kd_phase(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
 
 
 def _prompts(n: int) -> list[str]:
-    from kdscope.data import build_prompt
+    from kdscope.prompts import build_prompt
 
     return [build_prompt(ex, "study") for ex in _examples(n)]
 

@@ -27,7 +27,8 @@ from kdscope.losses import distill_loss, distill_loss_sparse
 from kdscope.models import build_tiny_model
 from kdscope.teacher import OnlineTeacher
 from kdscope.synthetic import generate_domain
-from kdscope.train import TrainSettings, collate, encode_example, prepare_student, train
+from kdscope.prompts import encode_example
+from kdscope.train import TrainSettings, collate, prepare_student, train
 
 EXAMPLES = generate_domain("math", 12, seed=0)
 MAX_LENGTH = 96

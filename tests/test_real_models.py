@@ -18,7 +18,8 @@ from kdscope.losses import distill_loss
 from kdscope.models import load_model
 from kdscope.teacher import OnlineTeacher
 from kdscope.synthetic import generate_domain
-from kdscope.train import TrainSettings, collate, encode_example, prepare_student, train
+from kdscope.prompts import encode_example
+from kdscope.train import TrainSettings, collate, prepare_student, train
 
 COMMON = dict(micro_batch_size=2, grad_accum=1, val_size=0, warmup_steps=0, max_length=64, save_every=100,
               lora={"r": 8, "alpha": 16, "dropout": 0.0})

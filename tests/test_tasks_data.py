@@ -15,8 +15,8 @@ from typer.testing import CliRunner
 
 from conftest import require
 from kdscope.cli import app
-from kdscope.data import (Example, build_prompt, convert_hf_rows, load_examples, load_hf_task, load_task,
-                          response_text)
+from kdscope.data import convert_hf_rows, load_examples, load_hf_task, load_task
+from kdscope.prompts import Example, build_prompt, response_text
 from kdscope.errors import InputError
 from kdscope.tasks import COMMONSENSE_TASKS, MATH_TASKS, TASKS, canonical_name, get_task
 

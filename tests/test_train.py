@@ -12,8 +12,9 @@ from kdscope.losses import distill_loss
 from kdscope.models import build_tiny_model
 from kdscope.teacher import OnlineTeacher
 from kdscope.synthetic import generate_domain
-from kdscope.train import (TrainSettings, batch_loss, batch_schedule, collate, encode_example, load_trained,
-                           prepare_student, train)
+from kdscope.models import load_trained
+from kdscope.prompts import encode_example
+from kdscope.train import TrainSettings, batch_loss, batch_schedule, collate, prepare_student, train
 
 EXAMPLES = generate_domain("math", 40, seed=0)
 BASE = dict(micro_batch_size=4, grad_accum=2, val_size=16, warmup_steps=2, eval_every=3, save_every=3, max_length=96,

@@ -1,88 +1,22 @@
-"""Examples, the study's prompt, and loaders (study JSON, JSONL, HuggingFace datasets).
+"""Loaders of examples: study JSON, JSONL, HuggingFace datasets and the built-in generated tasks.
 
-Every example is converted into the study's instruction format ``{instruction, input, output, answer}``.
+Every example is converted into the study's instruction format ``{instruction, input, output, answer}``
+(`kdscope.prompts.Example`).
 """
 
 from __future__ import annotations
 
 import json
 import warnings
-from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterable, Literal
+from typing import Any, Iterable
 
 from .errors import InputError, where
+from .prompts import Example
+from .synthetic import DOMAIN_TASKS, generate_domain
 from .tasks import Task, get_task
 
 REQUIRED_FIELDS = ("instruction", "answer")
-
-
-@dataclass(frozen=True)
-class Example:
-    instruction: str
-    answer: str
-    input: str = ""
-    output: str = ""
-
-    def to_dict(self) -> dict[str, str]:
-        return asdict(self)
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Prompts. "study" reproduces the released code byte for byte, including its quirks: the training prompt
-# (finetune.py) and the evaluation prompt (evaluate.py) differ in trailing spaces and in the whitespace-only line
-# between sections, and both indent every section by 16 spaces. "alpaca" is the clean Alpaca template.
-# --------------------------------------------------------------------------------------------------------------------
-_PAD = " " * 16
-_HEAD = "Below is an instruction that describes a task. Write a response that appropriately completes the request."
-_HEAD_INPUT = (
-    "Below is an instruction that describes a task, paired with an input that provides further context. "
-    "Write a response that appropriately completes the request."
-)
-
-PromptStyle = Literal["study", "alpaca"]
-PROMPT_STYLES: tuple[str, ...] = ("study", "alpaca")
-
-
-def _study_prompt(ex: Example, train: bool) -> str:
-    gap = f"\n{_PAD}\n" if train else "\n\n"
-    if ex.input:
-        head = _HEAD_INPUT + (" " if train else "")
-        return (
-            f"{head}\n\n{_PAD}### Instruction:\n{_PAD}{ex.instruction}{gap}{_PAD}### Input:\n{_PAD}{ex.input}"
-            f"{gap}{_PAD}### Response:\n{_PAD}"
-        )
-    head = _HEAD + ("  " if train else " ")
-    return f"{head}\n\n{_PAD}### Instruction:\n{_PAD}{ex.instruction}{gap}{_PAD}### Response:\n{_PAD}"
-
-
-def _alpaca_prompt(ex: Example) -> str:
-    if ex.input:
-        return f"{_HEAD_INPUT}\n\n### Instruction:\n{ex.instruction}\n\n### Input:\n{ex.input}\n\n### Response:\n"
-    return f"{_HEAD}\n\n### Instruction:\n{ex.instruction}\n\n### Response:\n"
-
-
-def build_prompt(ex: Example, style: str = "study", train: bool = False) -> str:
-    """The prompt that precedes the response. ``train`` selects the study's training variant."""
-    if style == "study":
-        return _study_prompt(ex, train)
-    if style == "alpaca":
-        return _alpaca_prompt(ex)
-    raise InputError(f"unknown prompt style {style!r}; use one of {', '.join(PROMPT_STYLES)}")
-
-
-def build_training_text(ex: Example, style: str = "study") -> tuple[str, str]:
-    """(prompt, response) for training: the model is trained on prompt + response (+ EOS)."""
-    return build_prompt(ex, style, train=True), ex.output
-
-
-RESPONSE_MARKER = "### Response:"
-
-
-def response_text(decoded: str) -> str:
-    """The study's post-processing of a decoded generation: the text after ``### Response:``, stripped."""
-    parts = decoded.split(RESPONSE_MARKER, 1)
-    return (parts[1] if len(parts) > 1 else parts[0]).strip()
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -281,11 +215,6 @@ def load_hf_task(task_name: str, source: str, split: str = "validation") -> list
     return convert_hf_rows(task_name, ds, source)
 
 
-def save_examples(examples: Iterable[Example], path: Path | str) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps([e.to_dict() for e in examples], indent=1), encoding="utf-8")
-
-
 SYNTHETIC_PREFIX = "synthetic:"
 
 
@@ -293,8 +222,6 @@ def load_training_data(source: str | Path, seed: int = 0) -> list[Example]:
     """Training examples from a study-format JSON/JSONL file, or ``synthetic:<domain>[:<n per task>]`` (built-in)."""
     src = str(source)
     if src.startswith(SYNTHETIC_PREFIX):
-        from .synthetic import DOMAIN_TASKS, generate_domain
-
         domain, _, n = src.removeprefix(SYNTHETIC_PREFIX).partition(":")
         if domain not in DOMAIN_TASKS:
             raise InputError(f"{src}: unknown synthetic domain {domain!r}; use {' or '.join(DOMAIN_TASKS)}")

@@ -35,7 +35,8 @@ class LoraSettings(BaseModel):
 
 @dataclass(frozen=True)
 class TinySpec:
-    """A built-in tiny architecture. ``params_label`` is what result tables show as the model's size."""
+    """A built-in tiny architecture (a Qwen2 or Llama config scaled down); its size label comes from its parameter
+    count (`kdscope.labels`)."""
 
     arch: str  # "qwen2" or "llama"
     hidden: int
@@ -252,6 +253,14 @@ def load_model(
     if adapter is not None:
         model = load_adapter(model, adapter)
     return model.to(dev), tok
+
+
+def load_trained(base_ref: str, trained_dir: str | Path, **load_kwargs: Any) -> tuple[Any, Any]:
+    """Load a model written by `kdscope.train.train`: a LoRA adapter on ``base_ref``, or full weights in ``trained_dir``."""
+    trained = Path(trained_dir)
+    if (trained / "adapter_config.json").is_file():
+        return load_model(base_ref, adapter=trained, **load_kwargs)
+    return load_model(str(trained), **load_kwargs)
 
 
 def save_model(model: Any, tokenizer: Any, out_dir: str | Path) -> Path:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import random
 from typing import Callable
 
-from .data import Example
+from .prompts import Example, build_prompt
 
 NAMES = ("Tom", "Ann", "Sam", "Mia", "Leo", "Zoe", "Ben", "Eva", "Max", "Ivy")
 ITEMS = ("apples", "books", "coins", "pens", "cards", "shells", "stamps", "cups")
@@ -107,8 +107,6 @@ def generate_domain(domain: str, n_per_task: int, seed: int) -> list[Example]:
 
 def corpus(n_per_task: int = 200, seed: int = 0) -> list[str]:
     """Text for training the built-in tokenizer: every generated task, all prompt styles."""
-    from .data import build_prompt
-
     texts = []
     for task in GENERATORS:
         for ex in generate(task, n_per_task, seed):
