@@ -1,7 +1,10 @@
-"""Studies as code: a YAML study (spec) expands into keyed jobs (graph), kept in one SQLite store (store), each job
-run by its kind (jobs), exported as the study's tables (tables), scheduled by an executor (executors) from `run`.
-Modules import only down that chain."""
+"""Studies as code, one module per step and imports only down this chain: ``spec`` (the YAML schema) < ``graph``
+(expansion into keyed jobs) < ``store`` (SQLite) < ``jobs`` (what each kind of job does) < ``tables`` (exports,
+statistics and report) < ``executors`` < ``run``."""
 
-from .spec import Study, StudyStore, builtin_study, expand, job_dir, load_study, run_study, study_dir
+from .graph import Job, expand, job_dir
+from .run import run_study, study_dir
+from .spec import Study, builtin_study, load_study
+from .store import StudyStore
 
-__all__ = ["Study", "StudyStore", "builtin_study", "expand", "job_dir", "load_study", "run_study", "study_dir"]
+__all__ = ["Job", "Study", "StudyStore", "builtin_study", "expand", "job_dir", "load_study", "run_study", "study_dir"]

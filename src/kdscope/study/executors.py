@@ -11,34 +11,56 @@ from __future__ import annotations
 import concurrent.futures as cf
 import multiprocessing
 import traceback
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Protocol
+from typing import Any, Callable, Protocol
 
-if TYPE_CHECKING:
-    from .spec import Job, RunSummary, Study, StudyStore
+import torch
+from tqdm.auto import tqdm
+
+from .graph import Job, job_dir
+from .jobs import run_job
+from .spec import Study
+from .store import StudyStore
+from .tables import run_analysis
 
 Outcome = tuple[str, "dict[str, Any] | None", "str | None"]  # (job key, result, error)
 
 
-def execute_job(job: "Job", root: str, threads: int | None, progress: bool = False) -> Outcome:
+@dataclass
+class RunSummary:
+    """What one `kdscope run` did, by job key."""
+
+    ran: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+    blocked: list[str] = field(default_factory=list)
+    out_dir: Path = Path(".")
+
+
+def execute_job(job: Job, root: str, threads: int | None, progress: bool = False) -> Outcome:
     """Run one job, returning its error instead of raising, so that one failure stays one job's failure."""
-    import torch
-
-    from .jobs import run_job
-    from .spec import StudyStore
-
     if threads:
         torch.set_num_threads(threads)
     try:
-        return job.key, run_job(job, Path(root), StudyStore(Path(root) / "study.sqlite"), progress), None
+        return job.key, _run(job, Path(root), progress), None
     except Exception as e:  # reported to the scheduler, which records it and carries on
         return job.key, None, f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=6)}"
 
 
-class Backend(Protocol):
+def _run(job: Job, root: Path, progress: bool) -> dict[str, Any]:
+    store = StudyStore(root / "study.sqlite")
+    if job.kind != "analysis":
+        return run_job(job, root, store, progress)
+    out = job_dir(root, job)
+    out.mkdir(parents=True, exist_ok=True)
+    return run_analysis(job, out, root, store, progress)
+
+
+class ExecutorBackend(Protocol):
     capacity: int
 
-    def submit(self, job: "Job") -> Any: ...
+    def submit(self, job: Job) -> Any: ...
 
     def wait_any(self, handles: list[Any]) -> Any: ...
 
@@ -55,7 +77,7 @@ class SerialBackend:
     def __init__(self, root: Path, threads: int | None, progress: bool) -> None:
         self.args = (str(root), threads, progress)
 
-    def submit(self, job: "Job") -> cf.Future:
+    def submit(self, job: Job) -> cf.Future:
         future: cf.Future = cf.Future()
         future.set_result(execute_job(job, *self.args))
         return future
@@ -78,7 +100,7 @@ class ProcessPoolBackend:
         self.args = (str(root), threads, False)
         self.pool = cf.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
 
-    def submit(self, job: "Job") -> cf.Future:
+    def submit(self, job: Job) -> cf.Future:
         return self.pool.submit(execute_job, job, *self.args)
 
     def wait_any(self, handles: list[cf.Future]) -> cf.Future:
@@ -105,7 +127,7 @@ class RayBackend:
         self.args = (str(root), threads, False)
         self.remote = ray.remote(num_cpus=cpus, num_gpus=gpus)(execute_job)
 
-    def submit(self, job: "Job") -> Any:
+    def submit(self, job: Job) -> Any:
         return self.remote.remote(job, *self.args)
 
     def wait_any(self, handles: list[Any]) -> Any:
@@ -119,7 +141,7 @@ class RayBackend:
         pass
 
 
-def make_backend(study: "Study", root: Path, progress: bool) -> Backend:
+def make_backend(study: Study, root: Path, progress: bool) -> ExecutorBackend:
     ex = study.executor
     if ex.kind == "ray":
         return RayBackend(root, study.threads, ex.address, ex.cpus_per_job, ex.gpus_per_job)
@@ -128,11 +150,9 @@ def make_backend(study: "Study", root: Path, progress: bool) -> Backend:
     return SerialBackend(root, study.threads, progress)
 
 
-def run_jobs(jobs: list["Job"], store: "StudyStore", backend: Backend, summary: "RunSummary",
-             log: Callable[[str], None], progress: bool = True) -> "RunSummary":
+def run_jobs(jobs: list[Job], store: StudyStore, backend: ExecutorBackend, summary: RunSummary,
+             log: Callable[[str], None], progress: bool = True) -> RunSummary:
     """Run every job not yet done, in dependency order, ``backend.capacity`` at a time."""
-    from tqdm.auto import tqdm
-
     done = {j.key for j in jobs if store.status(j.key) == "done"}
     bar = tqdm(total=len(jobs), initial=len(done), desc="study", unit="job", disable=not progress,
                dynamic_ncols=True, position=0)

@@ -108,7 +108,7 @@ def test_changing_one_temperature_reruns_only_affected_jobs(tmp_path: Path) -> N
 def test_study_pairs_one_sft_and_best_kd_row_per_pair_and_domain() -> None:
     """Seeds are averaged (an SFT row that repeats within a seed changes nothing), and each domain keeps its own
     row (the tasks of one domain are NaN in the other's rows)."""
-    from kdscope.study.jobs import pooled_joint, study_pairs
+    from kdscope.study.tables import pooled_joint, study_pairs
 
     pair = {"Teacher": "T", "Student": "S", "Pair": "T -> S"}
     rows = []
