@@ -24,7 +24,7 @@ from pydantic import BaseModel, Field
 from ..errors import InputError
 from ..models import load_model
 from ..progress import progress_bar
-from ..prompts import Example, build_prompt
+from ..prompts import RESPONSE_MARKER, Example, build_prompt
 from ..tasks import Task, get_task
 from .records import json_prediction, open_for_append, read_done, select_items, summarize
 
@@ -33,10 +33,12 @@ from .records import json_prediction, open_for_append, read_done, select_items, 
 # Generation settings
 # --------------------------------------------------------------------------------------------------------------------
 INSTRUCTION_STOP = "### Instruction"
+AnswerParse = Literal["study", "clean"]
 
 
 class GenerationSettings(BaseModel):
-    """Decoding settings. ``top_k=0`` disables top-k; ``stop_strings`` end a response (the text is cut there)."""
+    """Decoding settings. ``top_k=0`` disables top-k; ``stop_strings`` end a response (the text is cut there);
+    ``parse`` picks the text that is scored (`answer_text`): the study's split, or the cleaned cut."""
 
     preset: str = "greedy"
     do_sample: bool = False
@@ -47,13 +49,17 @@ class GenerationSettings(BaseModel):
     batch_size: int = Field(16, ge=1)
     seed: int = 6
     stop_strings: list[str] = Field(default_factory=lambda: [INSTRUCTION_STOP])
+    parse: AnswerParse = "clean"
 
 
 # `greedy` is the default for new studies (no sampling noise); `study` is the released evaluate.py's decoding
-# (sampling at T=1.0, top_p 1, top_k 0, 256 new tokens, seed 6), batched here instead of one item at a time.
+# (sampling at T=1.0, top_p 1, top_k 0, 256 new tokens, seed 6, no stop string: the whole sequence is decoded and
+# parsed as the study parsed it), batched here instead of one item at a time.
 PRESETS: dict[str, GenerationSettings] = {
     "greedy": GenerationSettings(preset="greedy"),
-    "study": GenerationSettings(preset="study", do_sample=True, temperature=1.0, top_p=1.0, top_k=0, seed=6),
+    "study": GenerationSettings(
+        preset="study", do_sample=True, temperature=1.0, top_p=1.0, top_k=0, seed=6, stop_strings=[], parse="study"
+    ),
 }
 
 
@@ -72,6 +78,24 @@ def cut_at_stop(text: str, stop_strings: Sequence[str]) -> str:
         if pos != -1:
             cut = min(cut, pos)
     return text[:cut]
+
+
+def study_answer_text(prompt: str, generation: str) -> str:
+    """The study's answer text: ``decoded.split("### Response:")[1].strip()`` with decoded = prompt + generation, i.e.
+    the text after the prompt's response marker up to a second marker, a run-on ``### Instruction: ...`` included.
+    (The study decodes special tokens too; they hold no digit, capital A-E or answer word, so scores are the same.)"""
+    parts = (prompt + generation).split(RESPONSE_MARKER)
+    return (parts[1] if len(parts) > 1 else parts[0]).strip()
+
+
+def clean_answer_text(generation: str) -> str:
+    """The generation cut before the first invented ``### Instruction`` or ``### Response:`` section."""
+    return cut_at_stop(generation, [INSTRUCTION_STOP, RESPONSE_MARKER]).strip()
+
+
+def answer_text(prompt: str, generation: str, parse: AnswerParse) -> str:
+    """The text a generation is scored on under ``parse``."""
+    return study_answer_text(prompt, generation) if parse == "study" else clean_answer_text(generation)
 
 
 def plan_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
@@ -253,7 +277,7 @@ def evaluate_generate_with(
             for i, text in zip(batch, texts):
                 if i in done:
                     continue
-                rec = _generation_record(task, i, items[i], prompts[i], text.strip())
+                rec = _generation_record(task, i, items[i], prompts[i], text, settings.parse)
                 fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
                 done[i] = rec
             fh.flush()
@@ -261,18 +285,25 @@ def evaluate_generate_with(
     return summarize(task.name, [done[i] for i in range(len(items))])
 
 
-def _generation_record(task: Task, index: int, ex: Example, prompt: str, output: str) -> dict[str, Any]:
-    pred = task.parse(output)
+def _generation_record(task: Task, index: int, ex: Example, prompt: str, generation: str, parse: AnswerParse) -> dict[str, Any]:
+    """The full generation, the text scored under ``parse`` (``output``, ``pred``, ``correct``) and the cleaned parse
+    (``output_clean``, ``pred_clean``, ``correct_clean``), so both readings of a run-on generation are kept."""
     gold = task.gold(ex.answer)
+    output, clean = answer_text(prompt, generation, parse), clean_answer_text(generation)
+    pred, pred_clean = task.parse(output), task.parse(clean)
     return {
         "task": task.name,
         "index": index,
         "prompt": prompt,
+        "generation": generation,
         "output": output,
         "pred": json_prediction(pred),
         "gold": gold,
         "answer": ex.answer,
         "correct": bool(task.is_correct(pred, gold)),
+        "output_clean": clean,
+        "pred_clean": json_prediction(pred_clean),
+        "correct_clean": bool(task.is_correct(pred_clean, gold)),
     }
 
 
@@ -287,9 +318,10 @@ def evaluate_generate(
     limit: int | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Generate, parse and score every item; one JSONL record per item (task, index, prompt, output, pred, gold,
-    answer, correct), appended and flushed per batch. Items already in ``out_jsonl`` are skipped (resume).
-    Returns ``{task, n, correct, accuracy}``."""
+    """Generate, parse and score every item; one JSONL record per item (task, index, prompt, generation, output, pred,
+    gold, answer, correct, and the cleaned parse's output_clean, pred_clean, correct_clean), appended and flushed per
+    batch. Items already in ``out_jsonl`` are skipped (resume). Returns ``{task, n, correct, accuracy,
+    accuracy_clean}``."""
     return evaluate_generate_with(
         HFGenerator(model, tokenizer), task_name, examples, settings, out_jsonl, prompt_style, limit, progress
     )

@@ -25,9 +25,10 @@ def score_records(task_name: str, path: Path | str, field: str = "output") -> di
     for i, rec in enumerate(records):
         if not isinstance(rec, dict):
             raise InputError(f"{where(path, i)}: expected an object, got {type(rec).__name__}")
-        for key in ("answer", field):
-            if key not in rec or rec[key] is None:
-                raise InputError(f"{where(path, i, key)}: missing; use --field to name the text field")
+        if rec.get("answer") is None:
+            raise InputError(f"{where(path, i, 'answer')}: missing; every record needs the gold 'answer'")
+        if rec.get(field) is None:
+            raise InputError(f"{where(path, i, field)}: missing; use --field to name the text field")
         try:
             correct += task.score(str(rec[field]), str(rec["answer"]))
         except ValueError as e:
@@ -78,15 +79,17 @@ def select_items(examples: Sequence[Example], limit: int | None) -> list[Example
 
 
 def summarize(task_name: str, records: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """``{task, n, correct, accuracy}`` (and ``acc_norm`` for likelihood records)."""
+    """``{task, n, correct, accuracy}``, with ``accuracy_clean`` for generative records and ``acc``/``acc_norm`` for
+    likelihood records."""
     n = len(records)
     correct = sum(bool(r["correct"]) for r in records)
     summary: dict[str, Any] = {"task": task_name, "n": n, "correct": correct, "accuracy": correct / n if n else 0.0}
+    if records and all("correct_clean" in r for r in records):  # generative records (older runs lack the field)
+        summary["accuracy_clean"] = sum(bool(r["correct_clean"]) for r in records) / n
     if records and "correct_norm" in records[0]:
         summary["acc"] = summary["accuracy"]
         summary["acc_norm"] = sum(bool(r["correct_norm"]) for r in records) / n
     return summary
-
 
 
 # --------------------------------------------------------------------------------------------------------------------
