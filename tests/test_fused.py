@@ -180,15 +180,19 @@ def test_noise_matches_a_seeded_dense_reference_and_not_the_chunking() -> None:
 
 
 @pytest.mark.parametrize("reduction", ["token_mean", "sequence_mean"])
-@pytest.mark.parametrize("tail", ["renormalise", "tail_bucket"])
+@pytest.mark.parametrize("tail", ["renormalise", "tail_bucket", "tail_bucket_summed_tail"])
 @pytest.mark.parametrize("loss", LOSS_NAMES)
 def test_fused_sparse_equals_distill_loss_sparse(loss: str, tail: str, reduction: str) -> None:
     student, (t_hidden, t_head), mask, x = Student(tied=False), teacher_parts(), make_mask(), ids()
     temperature = 2.0
-    values, indices, normalizers = chunked_topk(t_hidden, t_head, 8, (temperature,), memory_budget=CHUNK_BUDGET)
+    values, indices, normalizers, tails = chunked_topk(t_hidden, t_head, 8, (temperature,),
+                                                       memory_budget=CHUNK_BUDGET)
     values, indices = values.view(B, S, 8), indices.view(B, S, 8)
     normalizer = normalizers[:, 0].view(B, S)
-    kw = dict(loss=loss, temperature=temperature, tail=tail, teacher_log_normalizer=normalizer, reduction=reduction)
+    kw = dict(loss=loss, temperature=temperature, tail=tail.removesuffix("_summed_tail"),
+              teacher_log_normalizer=normalizer, reduction=reduction)
+    if tail.endswith("_summed_tail"):  # the tail mass summed from the dense logits (teacher.topk_signal, the cache)
+        kw["teacher_log_tail"] = tails[:, 0].view(B, S)
     dense = distill_loss_sparse(student.logits(x), values, indices, mask, **kw)
     dense.backward()
     d_grads = student.grads()
@@ -217,14 +221,17 @@ def test_fused_cross_entropy_equals_dense(reduction: str, tied: bool) -> None:
 
 def test_chunked_topk_equals_full_logits() -> None:
     t_hidden, t_head = teacher_parts(V + 6)
-    values, indices, normalizers = chunked_topk(t_hidden, t_head, 5, (1.0, 2.0), vocab_width=V,
-                                                memory_budget=V * 4 * 4 * 2)
+    values, indices, normalizers, tails = chunked_topk(t_hidden, t_head, 5, (1.0, 2.0), vocab_width=V,
+                                                       memory_budget=V * 4 * 4 * 2)
     logits = F.linear(t_hidden, t_head.weight, t_head.bias)[..., :V].reshape(-1, V).double()
     ref_values, ref_indices = logits.topk(5, dim=-1)
     assert torch.equal(indices, ref_indices)
     torch.testing.assert_close(values.double(), ref_values, rtol=1e-6, atol=1e-5)
+    outside = torch.ones_like(logits, dtype=torch.bool).scatter(1, ref_indices, False)
     for j, t in enumerate((1.0, 2.0)):
+        probs = torch.softmax(logits / t, -1)
         torch.testing.assert_close(normalizers[:, j].double(), torch.logsumexp(logits / t, -1), rtol=1e-6, atol=1e-5)
+        torch.testing.assert_close(tails[:, j].double(), (probs * outside).sum(-1).log(), rtol=1e-5, atol=1e-5)
 
 
 def test_no_grad_and_empty_masks() -> None:

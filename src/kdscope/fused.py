@@ -366,6 +366,7 @@ def fused_distill_sparse_parts(
     *,
     tail: TailMode = "renormalise",
     teacher_log_normalizer: Tensor | None = None,
+    teacher_log_tail: Tensor | None = None,
     reduction: Reduction = "token_mean",
     memory_budget: int = DEFAULT_MEMORY_BUDGET_BYTES,
 ) -> LossParts:
@@ -390,8 +391,10 @@ def fused_distill_sparse_parts(
     values = teacher_topk_values.detach()[mask]
     indices = teacher_topk_indices[mask].long()
     normalizer = None if teacher_log_normalizer is None else teacher_log_normalizer.detach()[mask]
+    log_tail = None if teacher_log_tail is None else teacher_log_tail.detach()[mask]
 
     def row_loss(student_logits: Tensor, start: int, stop: int) -> Tensor:
+        tail_kw = {} if log_tail is None else {"teacher_log_tail": log_tail[start:stop]}
         log_p, log_q = sparse_log_probs(
             student_logits,
             values[start:stop],
@@ -399,6 +402,7 @@ def fused_distill_sparse_parts(
             None if normalizer is None else normalizer[start:stop],
             temperature,
             effective_tail,
+            **tail_kw,
         )
         return divergence_rows(log_p, log_q, loss, beta, alpha)
 
@@ -456,10 +460,11 @@ def chunked_topk(
     *,
     vocab_width: int | None = None,
     memory_budget: int = DEFAULT_MEMORY_BUDGET_BYTES,
-) -> tuple[Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Teacher-cache signal of ``hidden`` [n, hidden] (or [..., hidden], flattened) without full logits: the top-k
-    raw logits (float32, descending) and their ids [n, k], and logsumexp(logits / T) over the (first ``vocab_width``)
-    vocabulary [n, len(temperatures)], all in float32 arithmetic like ``kdscope.cache.sparsify``."""
+    raw logits (float32, descending) and their ids [n, k], logsumexp(logits / T) over the (first ``vocab_width``)
+    vocabulary and the log of the mass outside the top-k at T (summed over those ids, -inf when k covers the
+    vocabulary), both [n, len(temperatures)]; float32 arithmetic like ``kdscope.cache.sparsify``."""
     if k < 1:
         raise InputError(f"top-k must be >= 1, got {k}")
     if any(not t > 0 for t in temperatures) or not temperatures:
@@ -472,10 +477,15 @@ def chunked_topk(
     values = torch.empty((rows.shape[0], k), dtype=torch.float32, device=rows.device)
     indices = torch.empty((rows.shape[0], k), dtype=torch.long, device=rows.device)
     normalizers = torch.empty((rows.shape[0], len(temperatures)), dtype=torch.float32, device=rows.device)
+    log_tails = torch.empty_like(normalizers)
     step = chunk_rows(width, rows.shape[0], memory_budget, TOPK_BLOCKS_PER_ROW)
     for start in range(0, rows.shape[0], step):
         logits = F.linear(rows[start : start + step], weight, bias).float()
-        values[start : start + step], indices[start : start + step] = logits.topk(k, dim=-1)
+        top_values, top_indices = logits.topk(k, dim=-1)
+        values[start : start + step], indices[start : start + step] = top_values, top_indices
         for j, temperature in enumerate(temperatures):
-            normalizers[start : start + step, j] = torch.logsumexp(logits / temperature, dim=-1)
-    return values, indices, normalizers
+            scaled = logits / temperature
+            normalizers[start : start + step, j] = log_normalizer = torch.logsumexp(scaled, dim=-1)
+            scaled.scatter_(-1, top_indices, float("-inf"))
+            log_tails[start : start + step, j] = torch.logsumexp(scaled, dim=-1) - log_normalizer
+    return values, indices, normalizers, log_tails
