@@ -13,6 +13,8 @@ import torch
 from typer.testing import CliRunner
 
 from kdscope.cache import (
+    FORMAT_VERSION,
+    MANIFEST,
     CachedTeacher,
     CacheKey,
     TeacherCache,
@@ -63,13 +65,13 @@ class CountingForward:
 
 
 @pytest.fixture(scope="module")
-def teacher() -> tuple[torch.nn.Module, Any]:
+def teacher(tmp_path_factory: pytest.TempPathFactory) -> tuple[torch.nn.Module, Any]:
     """A tiny teacher trained a little, so its distributions are peaked like a real model's (top-1 ~0.4)."""
     torch.set_num_threads(1)
     model, tok = build_tiny_model("tiny-qwen-s", seed=1)
     settings = TrainSettings(objective="sft", max_steps=30, micro_batch_size=8, grad_accum=1, val_size=0,
                              warmup_steps=2, lr=1e-2, lora=None, max_length=MAX_LENGTH, save_every=1000)
-    train(prepare_student(model, settings), tok, EXAMPLES, settings, Path("/tmp") / "kdscope-test-cache-teacher",
+    train(prepare_student(model, settings), tok, EXAMPLES, settings, tmp_path_factory.mktemp("cache-teacher"),
           resume=False, progress=False)
     return model.eval(), tok
 
@@ -109,6 +111,7 @@ def test_round_trip_equals_online_teacher(teacher, sequences, tmp_path: Path, co
         # float16 log-probs: absolute error <= |log p| * 2^-11 (log p >= -16 here)
         assert torch.allclose(cached.topk_values[attended], online.topk_values[attended], atol=8e-3, rtol=0)
         assert torch.allclose(cached.topk_log_normalizer[attended], online.topk_log_normalizer[attended], atol=1e-5)
+        assert torch.allclose(cached.topk_log_tail[attended], online.topk_log_tail[attended], atol=1e-5)
     assert cache.bytes_per_token() > 0 and len(cache) == len({tuple(s) for s in sequences})
 
 
@@ -235,26 +238,52 @@ def test_fallback_serves_uncached_sequences(teacher, sequences, tmp_path: Path) 
     assert signal.fallback_calls == 1 and signal.calls == 1
 
 
-def test_noise_on_cached_topk_is_seeded_and_resumable(teacher, sequences, tmp_path: Path) -> None:
+def test_tail_mass_is_stored_not_rebuilt_from_rounded_topk() -> None:
+    """V = 64, k = 63: the one id outside the top-k holds a tiny share of a peaked teacher's mass, and with a one-id
+    tail the tail bucket is exactly the dense loss, so any error is the cache's. 1 - sum(float16-rounded top-k
+    probabilities) cannot resolve that tail (reverse KL was off by ~1 %); the log tail summed over the tail ids when
+    the cache is built gives the dense loss up to the float16 rounding of the top-k."""
+    generator = torch.Generator().manual_seed(0)
+    teacher_logits = torch.randn(256, 64, generator=generator) * 4
+    teacher_logits[:, 0] += 25  # peaked, like a trained model's confident positions
+    student_logits = torch.randn(256, 64, generator=generator) * 2
+    errors = cache_divergence_error(student_logits, teacher_logits, ks=(63,), losses=("forward_kl", "reverse_kl"),
+                                    temperatures=(1.0, 2.0), tails=("tail_bucket",))
+    assert all(e.relative_error < 1e-3 for e in errors), [(e.k, e.loss, e.temperature, e.relative_error) for e in errors]
+
+
+def test_tail_from_cache_matches_the_dense_tail(teacher, sequences, tmp_path: Path) -> None:
     model, tok = teacher
-    cache = _build(teacher, sequences, tmp_path, k=16)
+    cache = _build(teacher, sequences, tmp_path, k=64)
     batch = _batch(tok)
-    clean = CachedTeacher(cache, temperature=2.0)(batch.input_ids, batch.attention_mask)
-    first, second = CachedTeacher(cache, 2.0, noise_sigma=1.0, seed=3), CachedTeacher(cache, 2.0, noise_sigma=1.0, seed=3)
-    a = first(batch.input_ids, batch.attention_mask)
-    state = first.state_dict()
-    b = first(batch.input_ids, batch.attention_mask)
-    assert torch.equal(a.topk_values, second(batch.input_ids, batch.attention_mask).topk_values)
-    second.load_state_dict(state)
-    assert torch.equal(b.topk_values, second(batch.input_ids, batch.attention_mask).topk_values)
-    assert not torch.equal(a.topk_values, clean.topk_values) and torch.equal(a.topk_indices, clean.topk_indices)
-    # the tail keeps its mass: exp(normaliser) - sum exp(top-k / T) is unchanged by the noise
     attended = batch.attention_mask.to(torch.bool)
+    with torch.no_grad():
+        dense = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.double()
+    for temperature in TEMPERATURES:
+        out = CachedTeacher(cache, temperature=temperature)(batch.input_ids, batch.attention_mask)
+        probs = torch.softmax(dense / temperature, dim=-1)
+        tail = 1.0 - probs.gather(-1, out.topk_indices).sum(-1)
+        assert torch.allclose(out.topk_log_tail.double()[attended], tail.log()[attended], atol=1e-4)
 
-    def tail_mass(out: Any) -> torch.Tensor:
-        return (out.topk_log_normalizer.double().exp() - (out.topk_values.double() / 2.0).exp().sum(-1))[attended]
 
-    assert torch.allclose(tail_mass(a), tail_mass(clean), rtol=1e-4, atol=1e-6)
+def test_open_refuses_a_cache_of_the_previous_format(teacher, sequences, tmp_path: Path) -> None:
+    """Format 1 caches have no stored tail: they must be rebuilt, not read as if they had one."""
+    _build(teacher, sequences, tmp_path, k=16)
+    manifest = json.loads((tmp_path / MANIFEST).read_text())
+    (tmp_path / MANIFEST).write_text(json.dumps({**manifest, "format_version": 1}))
+    with pytest.raises(InputError, match=f"cache format 1 != {FORMAT_VERSION}; rebuild it"):
+        TeacherCache.open(tmp_path)
+
+
+def test_cached_teacher_serves_no_noise(teacher, sequences, tmp_path: Path) -> None:
+    """The study's noise is N(0, sigma^2) on every teacher logit; the cache cannot give it, so it offers none (noise
+    runs go online: tests/test_teacher_wiring.py), and a noisy fallback would mix two noise models in one run."""
+    model, _ = teacher
+    cache = _build(teacher, sequences, tmp_path, k=16)
+    with pytest.raises(TypeError):
+        CachedTeacher(cache, 2.0, noise_sigma=1.0)  # type: ignore[call-arg]
+    with pytest.raises(InputError, match="fallback teacher must match"):
+        CachedTeacher(cache, 2.0, fallback=OnlineTeacher(model, topk=16, noise_sigma=1.0, temperature=2.0))
 
 
 def test_training_from_cache_follows_online_topk_loss_curve(teacher, sequences, tmp_path: Path) -> None:

@@ -303,8 +303,13 @@ def sparse_log_probs(
     teacher_log_normalizer: Tensor | None,
     temperature: float,
     tail: TailMode,
+    teacher_log_tail: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Teacher and student log-probs over the teacher's top-k ids (plus a tail bucket for ``tail_bucket``)."""
+    """Teacher and student log-probs over the teacher's top-k ids (plus a tail bucket for ``tail_bucket``).
+
+    ``teacher_log_tail`` [n]: the log of the teacher's mass outside the top-k, summed over those ids from the dense
+    logits (``kdscope.teacher.topk_signal``). Without it the tail is 1 - sum(top-k), which loses tails below the
+    rounding of the top-k values to the floor."""
     student_scaled = student_rows / temperature
     student_topk = student_scaled.gather(1, teacher_indices)
     teacher_scaled = teacher_values.to(student_rows.dtype) / temperature
@@ -312,12 +317,16 @@ def sparse_log_probs(
         return F.log_softmax(teacher_scaled, dim=-1), F.log_softmax(student_topk, dim=-1)
     assert teacher_log_normalizer is not None  # checked by the caller
     teacher_log_topk = teacher_scaled - teacher_log_normalizer.to(student_rows.dtype).unsqueeze(1)
-    tail_mass = 1.0 - teacher_log_topk.double().exp().sum(-1)  # float64: 1 - sum loses the small tail in float32
-    teacher_tail_mass = tail_mass.clamp(min=TAIL_MASS_FLOOR).to(student_rows.dtype)
+    if teacher_log_tail is not None:  # an empty tail (-inf: k covers the teacher's vocabulary) takes the floor
+        teacher_log_tail_mass = torch.nan_to_num(teacher_log_tail.to(student_rows.dtype),
+                                                 neginf=math.log(TAIL_MASS_FLOOR))
+    else:
+        tail_mass = 1.0 - teacher_log_topk.double().exp().sum(-1)  # float64: 1 - sum loses the small tail in float32
+        teacher_log_tail_mass = tail_mass.clamp(min=TAIL_MASS_FLOOR).to(student_rows.dtype).log()
     student_log_norm = torch.logsumexp(student_scaled, dim=-1, keepdim=True)
     student_tail_logits = student_scaled.scatter(1, teacher_indices, float("-inf"))
     student_log_tail = torch.logsumexp(student_tail_logits, dim=-1, keepdim=True) - student_log_norm
-    log_p = torch.cat([teacher_log_topk, teacher_tail_mass.log().unsqueeze(1)], dim=1)
+    log_p = torch.cat([teacher_log_topk, teacher_log_tail_mass.unsqueeze(1)], dim=1)
     log_q = torch.cat([student_topk - student_log_norm, student_log_tail], dim=1)
     return log_p, log_q
 
@@ -335,6 +344,7 @@ def distill_loss_sparse(
     *,
     tail: TailMode = "renormalise",
     teacher_log_normalizer: Tensor | None = None,
+    teacher_log_tail: Tensor | None = None,
     reduction: Reduction = "token_mean",
     chunk_size: int = DEFAULT_CHUNK_TOKENS,
 ) -> Tensor:
@@ -345,7 +355,9 @@ def distill_loss_sparse(
     - ``tail="renormalise"``: both distributions restricted to the k ids and renormalised.
     - ``tail="tail_bucket"``: k + 1 outcomes, the last holding the mass outside the k ids on each side. The teacher's
       tail mass needs its full normaliser, ``teacher_log_normalizer`` [batch, seq] = logsumexp over the whole
-      vocabulary of teacher_logits / T at this loss's temperature (see ``kdscope.teacher.OnlineTeacher``).
+      vocabulary of teacher_logits / T at this loss's temperature (see ``kdscope.teacher.OnlineTeacher``), and
+      ``teacher_log_tail`` [batch, seq], the log of its mass outside the top-k, when the provider computed it (the
+      online teacher and the cache do; without it the tail is 1 - sum(top-k), inexact for tiny tails).
 
     With k = vocab both modes equal the dense loss (the tail bucket is then empty and dropped).
     """
@@ -366,6 +378,7 @@ def distill_loss_sparse(
     effective_tail: TailMode = "renormalise" if k >= student_logits.shape[-1] else tail
     values = teacher_topk_values.detach()
     normalizer = None if teacher_log_normalizer is None else teacher_log_normalizer.detach()
+    log_tail = None if teacher_log_tail is None else teacher_log_tail.detach()
 
     def row_loss(student_rows: Tensor, batch_ids: Tensor, positions: Tensor) -> Tensor:
         log_p, log_q = sparse_log_probs(
@@ -375,6 +388,7 @@ def distill_loss_sparse(
             None if normalizer is None else normalizer[batch_ids, positions],
             temperature,
             effective_tail,
+            None if log_tail is None else log_tail[batch_ids, positions],
         )
         return divergence_rows(log_p, log_q, loss, beta, alpha)
 

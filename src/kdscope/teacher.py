@@ -9,8 +9,9 @@ a plain ``OnlineTeacher`` too), (c) keep only the top-k logits per position (spa
 
 Vocabulary alignment: Qwen2.5-7B/14B emit 152,064 logits and the smaller Qwen2.5 models 151,936, with one tokenizer
 (151,665 ids). The extra rows are padding. ``check_same_tokenizer`` and ``check_vocab_widths`` verify that the ids
-mean the same tokens and that every real id survives truncation; ``align_vocab`` then cuts both logit tensors to the
-common width, as the study's code does.
+mean the same tokens and that every real id survives truncation (``common_vocab_width`` runs both); ``align_vocab``
+then cuts both logit tensors to the common width, as the study's code does. Every teacher path (online, cache, GKD's
+fallback) cuts the teacher to that width before noise, top-k and normaliser, so padding rows never enter them.
 """
 
 from __future__ import annotations
@@ -37,13 +38,17 @@ class TeacherSignalError(RuntimeError):
 class TeacherOutput:
     """Teacher signal aligned with the input positions: dense ``logits`` [batch, seq, vocab], or the top-k form
     ``topk_values`` (raw logits) and ``topk_indices`` [batch, seq, k] with ``topk_log_normalizer`` [batch, seq] =
-    logsumexp(logits / temperature) over the full vocabulary, which the tail-bucket loss needs."""
+    logsumexp(logits / temperature) over the full (aligned) vocabulary and ``topk_log_tail`` [batch, seq] = the log of
+    the teacher's probability mass outside the top-k ids at ``temperature`` (-inf when k covers the vocabulary). The
+    tail-bucket loss needs both; the tail is computed from the dense logits, because 1 - sum(top-k probabilities)
+    loses any tail below the rounding of the top-k values."""
 
     logits: Tensor | None = None
     topk_values: Tensor | None = None
     topk_indices: Tensor | None = None
     topk_log_normalizer: Tensor | None = None
     temperature: float = 1.0
+    topk_log_tail: Tensor | None = None
 
 
 class TeacherSignal(Protocol):
@@ -100,6 +105,44 @@ def check_vocab_widths(tokenizer_size: int, student_width: int, teacher_width: i
             f"(student {student_width}, teacher {teacher_width}): the heads do not cover the vocabulary"
         )
     return common
+
+
+def real_ids(tokenizer: _Vocabulary) -> int:
+    """One past the highest id the tokenizer defines (added tokens included): logit rows at or beyond it are padding."""
+    return max(len(tokenizer), 1 + max(tokenizer.get_vocab().values(), default=-1))
+
+
+def common_vocab_width(teacher_tokenizer: _Vocabulary, student_tokenizer: _Vocabulary, teacher_width: int,
+                       student_width: int) -> int:
+    """The logit width teacher and student are compared on: the narrower head, after checking by token strings that
+    both tokenizers give every shared id the same token and that every real id of either lies below that width (so
+    the rows cut off are padding, e.g. Qwen2.5-7B's 152,064 vs 1.5B's 151,936 over 151,665 ids)."""
+    check_same_tokenizer(teacher_tokenizer, student_tokenizer)
+    return check_vocab_widths(max(real_ids(teacher_tokenizer), real_ids(student_tokenizer)), student_width,
+                              teacher_width)
+
+
+def logit_width(model: torch.nn.Module) -> int:
+    """Rows of the model's LM head (its logit width), which may exceed the tokenizer's ids (padding rows)."""
+    head = model.get_output_embeddings()  # type: ignore[operator]
+    return int(head.weight.shape[0])
+
+
+def normalizer_and_tail(logits: Tensor, indices: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
+    """(logsumexp(logits / T), log of the mass outside ``indices`` at T) of dense ``logits`` [..., vocab], float32.
+
+    The tail is summed over the ids outside the top-k, never taken as 1 - sum(top-k), which cancels to nothing when
+    the top-k hold almost all the mass (-inf when ``indices`` cover the vocabulary)."""
+    scaled = logits.float() / temperature
+    log_normalizer = torch.logsumexp(scaled, dim=-1)
+    scaled.scatter_(-1, indices, float("-inf"))
+    return log_normalizer, torch.logsumexp(scaled, dim=-1) - log_normalizer
+
+
+def topk_signal(logits: Tensor, k: int, temperature: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(top-k raw logits, their ids, logsumexp(logits / T), log of the mass outside the top-k at T) of ``logits``."""
+    values, indices = logits.topk(min(k, logits.shape[-1]), dim=-1)
+    return values, indices, *normalizer_and_tail(logits, indices, temperature)
 
 
 def align_vocab(student_logits: Tensor, teacher_logits: Tensor) -> tuple[Tensor, Tensor]:
@@ -204,11 +247,11 @@ class OnlineTeacher:
         logits = self.teacher_logits(input_ids, attention_mask)
         if self.topk is None:
             return TeacherOutput(logits=logits, temperature=self.temperature)
-        values, indices = logits.topk(min(self.topk, logits.shape[-1]), dim=-1)
-        log_normalizer = torch.logsumexp(logits.float() / self.temperature, dim=-1)
+        values, indices, log_normalizer, log_tail = topk_signal(logits, self.topk, self.temperature)
         return TeacherOutput(
             topk_values=values,
             topk_indices=indices,
             topk_log_normalizer=log_normalizer,
             temperature=self.temperature,
+            topk_log_tail=log_tail,
         )
