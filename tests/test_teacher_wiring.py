@@ -12,10 +12,12 @@ from typing import Any
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
+from typer.testing import CliRunner
 
 from kdscope.cache import CachedTeacher, TeacherCache, build_teacher_signal, cache_key, encode_sequences
+from kdscope.cli import app
 from kdscope.errors import InputError
-from kdscope.models import build_tiny_model, tiny_config
+from kdscope.models import build_tiny_model, save_model, tiny_config
 from kdscope.study import Study, expand
 from kdscope.synthetic import generate_domain
 from kdscope.teacher import OnlineTeacher, common_vocab_width, logit_width
@@ -128,10 +130,10 @@ def test_cache_and_gkd_fallback_use_the_common_vocabulary(pair, tmp_path: Path) 
     assert isinstance(cached, CachedTeacher) and cached.fallback is None
     out = cached(batch.input_ids, batch.attention_mask)
     assert int(out.topk_indices.max()) < len(tok)
-    gkd = build_teacher_signal(_settings(objective="gkd", loss="jsd"), teacher, tok, tok, logit_width(student), cut)
+    gkd = build_teacher_signal(_settings(objective="gkd", loss="jsd", temperature=1.0), teacher, tok, tok, logit_width(student), cut)
     assert isinstance(gkd, CachedTeacher) and gkd.fallback is not None and gkd.fallback.vocab_width == len(tok)
     with pytest.raises(InputError, match="needs the teacher model online"):
-        build_teacher_signal(_settings(objective="gkd", loss="jsd"), None, tok, tok, logit_width(student), cut)
+        build_teacher_signal(_settings(objective="gkd", loss="jsd", temperature=1.0), None, tok, tok, logit_width(student), cut)
     with pytest.raises(InputError, match="top-16"):
         build_teacher_signal(_settings(teacher_topk=8), None, tok, tok, logit_width(student), cut)
 
@@ -158,3 +160,23 @@ def test_study_noise_runs_do_not_read_the_cache() -> None:
     noisy = [job for job in kd_jobs if job.params["settings"].get("noise_sigma")]
     assert len(noisy) == 2 and all("cache" not in job.deps for job in noisy)
     assert any("cache" in job.deps for job in kd_jobs if job not in noisy)
+
+
+def test_cli_train_kd_checks_the_common_vocabulary(pair, tmp_path: Path) -> None:
+    """`train kd` goes through the same builder: a teacher whose tokenizer has an id the student's head lacks is
+    refused (before: only the shared ids were compared, and the extra id was silently cut off)."""
+    teacher, _, tok = pair
+    extended = build_tiny_model("tiny-qwen-xs")[1]
+    extended.add_tokens(["<teacher-only-token>"])
+    save_model(teacher, extended, tmp_path / "teacher")
+    def args(out: str) -> list[str]:
+        return ["train", "kd", "--student", "builtin:tiny-qwen-xs", "--teacher", str(tmp_path / "teacher"), "--data",
+                "synthetic:math:8", "--out", str(tmp_path / out), "--max-steps", "1", "--teacher-topk", "8",
+                "--val-size", "0", "--device", "cpu"]
+
+    result = CliRunner().invoke(app, args("refused"))
+    assert result.exit_code == 2, result.output
+    assert "narrower model head" in result.output
+    save_model(teacher, tok, tmp_path / "teacher")  # same tokenizer, 8 padding rows: trains on the common 512
+    result = CliRunner().invoke(app, args("trained"))
+    assert result.exit_code == 0, result.output

@@ -141,8 +141,9 @@ def _train(student_ref: str, data: str, out: Path, settings: "TrainSettings", re
     """Train in this process, or as one rank of a data-parallel run when started by torchrun / accelerate launch."""
     from .data import load_training_data
     from .distributed import PLACEMENTS, close_distributed, default_placement, init_distributed, place_teacher
+    from .cache import build_teacher_signal
     from .models import load_model
-    from .teacher import OnlineTeacher, check_same_tokenizer
+    from .teacher import logit_width
     from .train import prepare_student, train
 
     ctx = init_distributed(device)
@@ -159,11 +160,10 @@ def _train(student_ref: str, data: str, out: Path, settings: "TrainSettings", re
         teacher_model, teacher_tok = load_model(
             teacher_ref, adapter=teacher_adapter, device=str(ctx.device) if placement == "replicate" else "cpu",
             dtype=str(next(student.parameters()).dtype).removeprefix("torch."))
-        check_same_tokenizer(teacher_tok, tokenizer)
+        teacher_width = logit_width(teacher_model)  # before placement: a sharded head no longer shows its shape
         teacher_model = place_teacher(teacher_model, placement, ctx, teacher_devices)  # type: ignore[arg-type]
-        teacher_signal = OnlineTeacher(teacher_model, topk=settings.teacher_topk, noise_sigma=settings.noise_sigma,
-                                       seed=settings.seed, disable_adapter=settings.base_teacher,
-                                       vocab_width=student.config.vocab_size, temperature=settings.temperature)
+        teacher_signal = build_teacher_signal(settings, teacher_model, teacher_tok, tokenizer, logit_width(student),
+                                              teacher_width=teacher_width)
     result = train(prepare_student(student, settings), tokenizer, examples, settings, out,
                    teacher=teacher_signal, teacher_model=teacher_model, resume=resume, progress=ctx.is_main, dist=ctx)
     close_distributed(ctx)
