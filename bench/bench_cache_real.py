@@ -55,7 +55,7 @@ def run_variant(args: argparse.Namespace) -> dict[str, float]:
     from kdscope.models import load_model
     from kdscope.teacher import OnlineTeacher
     from kdscope.prompts import encode_example
-    from kdscope.train import batch_loss, collate, prepare_student
+    from kdscope.train import batch_loss, collate, prepare_student, window_units
 
     torch.manual_seed(0)
     settings = _settings(args)
@@ -72,8 +72,7 @@ def run_variant(args: argparse.Namespace) -> dict[str, float]:
     losses, tokens, seconds = [], 0, 0.0
     for step, batch in enumerate(batches[: args.steps + 1]):
         start = time.perf_counter()
-        denom = int(batch.loss_mask.sum())
-        parts = batch_loss(student, batch, settings, signal, denom)
+        parts = batch_loss(student, batch, settings, signal, window_units([batch], settings))
         parts.total.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -9,12 +9,11 @@ import torch
 
 from kdscope.errors import InputError
 from kdscope.losses import distill_loss
-from kdscope.models import build_tiny_model
-from kdscope.teacher import OnlineTeacher
-from kdscope.synthetic import generate_domain
-from kdscope.models import load_trained
+from kdscope.models import build_tiny_model, load_trained
 from kdscope.prompts import encode_example
-from kdscope.train import TrainSettings, batch_loss, batch_schedule, collate, prepare_student, train
+from kdscope.synthetic import generate_domain
+from kdscope.teacher import OnlineTeacher
+from kdscope.train import TrainSettings, batch_loss, batch_schedule, collate, prepare_student, train, window_units
 
 EXAMPLES = generate_domain("math", 40, seed=0)
 BASE = dict(micro_batch_size=4, grad_accum=2, val_size=16, warmup_steps=2, eval_every=3, save_every=3, max_length=96,
@@ -22,12 +21,12 @@ BASE = dict(micro_batch_size=4, grad_accum=2, val_size=16, warmup_steps=2, eval_
 
 
 @pytest.fixture(scope="module")
-def teacher() -> tuple[torch.nn.Module, object]:
+def teacher(tmp_path_factory: pytest.TempPathFactory) -> tuple[torch.nn.Module, object]:
     """A tiny teacher that actually knows the task: SFT for a few dozen steps."""
     torch.set_num_threads(1)
     model, tok = build_tiny_model("tiny-qwen-m", seed=1)
     settings = TrainSettings(objective="sft", max_steps=30, **{**BASE, "val_size": 0})
-    train(prepare_student(model, settings), tok, EXAMPLES, settings, Path("/tmp") / "kdscope-test-teacher",
+    train(prepare_student(model, settings), tok, EXAMPLES, settings, tmp_path_factory.mktemp("teacher"),
           resume=False, progress=False)
     return model.eval(), tok
 
@@ -45,14 +44,15 @@ def _divergence_to_teacher(student: torch.nn.Module, teacher: torch.nn.Module, t
     return float(distill_loss(s, t, b.loss_mask))
 
 
-@pytest.mark.parametrize("objective,loss", [("kd", "forward_kl"), ("kd", "reverse_kl"), ("gkd", "jsd"),
-                                            ("seqkd", "forward_kl")])
-def test_distillation_reduces_divergence_to_teacher(teacher, objective: str, loss: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("objective,options", [("kd", {"loss": "forward_kl", "temperature": 2.0}),
+                                               ("kd", {"loss": "reverse_kl", "temperature": 2.0}),
+                                               ("gkd", {"lmbda": 0.5}), ("seqkd", {})])
+def test_distillation_reduces_divergence_to_teacher(teacher, objective: str, options: dict, tmp_path: Path) -> None:
     model, tok = teacher
     student = _student()
     before = _divergence_to_teacher(student, model, tok)
-    settings = TrainSettings(objective=objective, loss=loss, temperature=2.0, max_steps=8, lmbda=0.5, **BASE)
-    signal = OnlineTeacher(model, temperature=2.0)
+    settings = TrainSettings(objective=objective, max_steps=8, **options, **BASE)
+    signal = OnlineTeacher(model, temperature=settings.temperature)
     result = train(prepare_student(student, settings), tok, EXAMPLES, settings, tmp_path, teacher=signal,
                    teacher_model=model, progress=False)
     after = _divergence_to_teacher(student, model, tok)
@@ -60,7 +60,8 @@ def test_distillation_reduces_divergence_to_teacher(teacher, objective: str, los
     assert (tmp_path / "final" / "model.safetensors").is_file()
     assert result.best_val_loss is not None
     if objective == "gkd":
-        assert any(r["on_policy"] for r in result.history) and not all(r["on_policy"] for r in result.history)
+        draws = [r["on_policy"] for r in result.history]
+        assert sum(draws) > 0 and sum(draws) < settings.grad_accum * len(draws)
     if objective == "seqkd":
         assert (tmp_path / "teacher_responses.json").is_file()
 
@@ -106,9 +107,9 @@ def test_accumulation_window_normalisation(teacher) -> None:
     def grads(split: int) -> list[torch.Tensor]:
         student = _student()
         batches = [collate(enc[i:i + split], tok.pad_token_id, "all") for i in range(0, 8, split)]
-        denom = sum(int(b.loss_mask.sum()) for b in batches)
+        window = window_units(batches, settings)
         for b in batches:
-            batch_loss(student, b, settings, signal, denom).total.backward()
+            batch_loss(student, b, settings, signal, window).total.backward()
         return [p.grad.clone() for p in student.parameters() if p.grad is not None]
 
     for a, b in zip(grads(8), grads(2)):

@@ -183,6 +183,9 @@ _ValSize = Annotated[Optional[int], typer.Option(help="Held-out items for best-c
 _Seed = Annotated[Optional[int], typer.Option(help="Seed (default 6, the study's).")]
 _Device = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N, mps.")]
 _Resume = Annotated[bool, typer.Option("--resume/--restart", help="Continue from the last checkpoint in --out.")]
+_Reduction = Annotated[Optional[str], typer.Option(
+    help="sequence_mean (mean per sequence, then over sequences) or token_mean; default the study's: sequence_mean "
+         "for kd, token_mean for gkd, seqkd and sft.")]
 
 
 @train_app.command("sft")
@@ -202,10 +205,12 @@ def train_sft_cmd(
     seed: _Seed = None,
     device: _Device = "auto",
     resume: _Resume = True,
+    reduction: _Reduction = None,
 ) -> None:
     """Supervised fine-tuning (cross-entropy): the teacher and the SFT baselines."""
     settings = _settings("sft", lora=lora, epochs=epochs, max_steps=max_steps, lr=lr, micro_batch_size=micro_batch_size,
-                         grad_accum=grad_accum, max_length=max_length, val_size=val_size, seed=seed)
+                         grad_accum=grad_accum, max_length=max_length, val_size=val_size, seed=seed,
+                         reduction=reduction)
     _train(model, data, out, settings, resume, device=device)
 
 
@@ -218,8 +223,8 @@ def train_kd_cmd(
     data: str = typer.Option(..., "--data", help="Training data: study JSON/JSONL with 'output', or synthetic:<domain>[:n]."),
     out: Path = typer.Option(..., "--out", help="Output folder."),
     objective: str = typer.Option("kd", help="kd (off-policy logits), gkd (on-policy mix), seqkd (teacher responses)."),
-    loss: Optional[str] = typer.Option(None, help="forward_kl (SeqKD), reverse_kl (RevKD), jsd (GKD), skew_forward_kl, skew_reverse_kl, tvd."),
-    temperature: Optional[float] = typer.Option(None, help="Logit temperature T (loss scaled by T^2)."),
+    loss: Optional[str] = typer.Option(None, help="forward_kl (SeqKD), reverse_kl (RevKD), jsd (GKD), skew_forward_kl, skew_reverse_kl, tvd; default forward_kl for kd, jsd for gkd."),
+    temperature: Optional[float] = typer.Option(None, help="Logit temperature T (loss scaled by T^2); kd only (the study's GKD uses none)."),
     weight: Optional[float] = typer.Option(None, "--weight", help="w in (1-w)*CE + w*KD (default 1, the study's)."),
     beta: Optional[float] = typer.Option(None, help="JSD beta (default 0.5)."),
     lmbda: Optional[float] = typer.Option(None, "--lambda", help="GKD: probability of an on-policy batch (default 0.5)."),
@@ -227,6 +232,11 @@ def train_kd_cmd(
     base_teacher: bool = typer.Option(False, "--base-teacher", help="Ablation: teacher with its adapter disabled."),
     teacher_topk: Optional[int] = typer.Option(None, help="Use only the teacher's top-k logits."),
     token_mask: Optional[str] = typer.Option(None, help="all (prompt too, the study) or response."),
+    reduction: _Reduction = None,
+    max_new_tokens: Optional[int] = typer.Option(
+        None, help="GKD samples / seqkd teacher responses: new tokens (default: max length - longest prompt)."),
+    best_by: Optional[str] = typer.Option(
+        None, help="Best checkpoint by ce (the student's validation cross-entropy, the study's) or objective."),
     lora: _Lora = True,
     epochs: _Epochs = None,
     max_steps: _MaxSteps = None,
@@ -250,7 +260,8 @@ def train_kd_cmd(
         raise InputError("--base-teacher disables the teacher's adapter; give --teacher-adapter too")
     settings = _settings(objective, loss=loss, temperature=temperature, kd_weight=weight, beta=beta, lmbda=lmbda,
                          noise_sigma=noise_sigma, base_teacher=base_teacher or None, teacher_topk=teacher_topk,
-                         token_mask=token_mask, lora=lora, epochs=epochs, max_steps=max_steps, lr=lr,
+                         token_mask=token_mask, reduction=reduction, max_new_tokens=max_new_tokens, best_by=best_by,
+                         lora=lora, epochs=epochs, max_steps=max_steps, lr=lr,
                          micro_batch_size=micro_batch_size, grad_accum=grad_accum, max_length=max_length,
                          val_size=val_size, seed=seed)
     _train(student, data, out, settings, resume, teacher_ref=teacher, teacher_adapter=teacher_adapter, device=device,

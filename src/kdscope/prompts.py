@@ -93,7 +93,7 @@ class Encoded:
 
 def encode_prompt(tokenizer: Any, ex: Example, style: str) -> list[int]:
     """The training prompt's ids under the tokenizer's defaults (the prompt GKD samples from and seqKD decodes from)."""
-    return list(tokenizer(build_prompt(ex, style, train=True), add_special_tokens=False)["input_ids"])
+    return list(tokenizer(build_prompt(ex, style, train=True))["input_ids"])
 
 
 def encode_example(tokenizer: Any, ex: Example, style: str, max_length: int, response: str | None = None,
@@ -105,8 +105,8 @@ def encode_example(tokenizer: Any, ex: Example, style: str, max_length: int, res
     """
     prompt = build_prompt(ex, style, train=True)
     text = prompt + (ex.output if response is None else response)
-    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])[:max_length]
+    ids = list(tokenizer(text)["input_ids"])[:max_length]
     if add_eos and len(ids) < max_length and (not ids or ids[-1] != tokenizer.eos_token_id):
         ids.append(tokenizer.eos_token_id)
-    prompt_len = min(len(tokenizer(prompt, add_special_tokens=False)["input_ids"]), len(ids))
+    prompt_len = min(len(tokenizer(prompt)["input_ids"]), len(ids))
     return Encoded(ids, prompt_len)

@@ -10,6 +10,7 @@ from typing import Sequence
 import torch
 
 from ..errors import InputError
+from ..losses import kd_token_mask
 from ..prompts import Encoded, Example
 from .settings import TrainSettings
 
@@ -18,25 +19,29 @@ from .settings import TrainSettings
 class Batch:
     input_ids: torch.Tensor  # [B, L], right padded
     attention_mask: torch.Tensor  # [B, L]
-    loss_mask: torch.Tensor  # [B, L-1]: which next-token predictions count
+    loss_mask: torch.Tensor  # [B, L-1]: which next-token predictions the cross-entropy counts (targets 1..L-1)
+    kd_mask: torch.Tensor  # [B, L]: which positions the KD term counts (every attended one, the last included)
     prompts: list[list[int]]  # prompt ids of each row (for on-policy sampling)
 
     def to(self, device: torch.device) -> "Batch":
-        return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.loss_mask.to(device), self.prompts)
+        return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.loss_mask.to(device),
+                     self.kd_mask.to(device), self.prompts)
 
 
 def collate(items: Sequence[Encoded], pad_id: int, token_mask: str) -> Batch:
+    """Right-padded ids and the two loss masks; ``token_mask="response"`` drops the positions that predict prompt
+    tokens (KD keeps the last prompt position, which predicts the first response token)."""
     width = max(len(e.input_ids) for e in items)
     ids = torch.full((len(items), width), pad_id, dtype=torch.long)
     attn = torch.zeros((len(items), width), dtype=torch.long)
+    response = torch.zeros((len(items), width), dtype=torch.bool)
     for i, e in enumerate(items):
         ids[i, : len(e.input_ids)] = torch.tensor(e.input_ids)
         attn[i, : len(e.input_ids)] = 1
-    target_mask = attn[:, 1:].clone()
-    if token_mask == "response":
-        for i, e in enumerate(items):
-            target_mask[i, : max(e.prompt_len - 1, 0)] = 0
-    return Batch(ids, attn, target_mask, [e.input_ids[: e.prompt_len] for e in items])
+        response[i, max(e.prompt_len - 1, 0):] = True
+    kd_mask = kd_token_mask(attn, response, token_mask)  # type: ignore[arg-type]
+    target_mask = kd_mask[:, :-1] & attn[:, 1:].bool()
+    return Batch(ids, attn, target_mask.long(), kd_mask.long(), [e.input_ids[: e.prompt_len] for e in items])
 
 
 def batch_schedule(n_items: int, settings: TrainSettings) -> list[list[list[int]]]:

@@ -66,7 +66,11 @@ def save_weights(model: Any, tokenizer: Any, path: Path) -> None:
     """Save loadable weights (HF format) to ``path`` atomically: a kill leaves the old folder or the new one."""
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    save_model(model, tokenizer, tmp)
+    try:
+        save_model(model, tokenizer, tmp)
+    except BaseException:  # a failed save must not leave a half-written folder beside the results
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     shutil.rmtree(path, ignore_errors=True)
     tmp.rename(path)
 

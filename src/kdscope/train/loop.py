@@ -30,7 +30,7 @@ from .batches import batch_schedule, collate, split_validation
 from .checkpoints import (MetricLog, latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint,
                           save_weights)
 from .generation import cached_teacher_responses, on_policy_batch
-from .objective import TeacherFn, batch_loss, units, validation_loss
+from .objective import TeacherFn, Units, batch_loss, kd_weight, validation_loss, window_units
 from .settings import TrainSettings
 
 
@@ -91,7 +91,7 @@ def train(
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if settings.objective in ("kd", "gkd") and settings.kd_weight > 0 and teacher is None:
+    if kd_weight(settings) > 0 and teacher is None:
         raise InputError(f"objective {settings.objective} needs a teacher; give --teacher")
     check_window(settings.grad_accum, dist)
     train_set, val_set = split_validation(examples, settings.val_size, settings.seed)
@@ -100,8 +100,9 @@ def train(
         if teacher_model is None:
             raise InputError("objective seqkd needs a teacher model to generate the training responses; give --teacher")
         responses = cached_teacher_responses(out, teacher_model, tokenizer, train_set, settings)
-    encoded = [encode_example(tokenizer, ex, settings.prompt_style, settings.max_length,
-                              None if responses is None else responses[i]) for i, ex in enumerate(train_set)]
+    encoded = [encode_example(tokenizer, ex, settings.prompt_style, settings.max_length) if responses is None else
+               encode_example(tokenizer, ex, settings.prompt_style, settings.max_length, responses[i].text,
+                              add_eos=responses[i].ended) for i, ex in enumerate(train_set)]
     val_encoded = [encode_example(tokenizer, ex, settings.prompt_style, settings.max_length) for ex in val_set]
     schedule = batch_schedule(len(encoded), settings)
     device = next(student.parameters()).device
@@ -116,10 +117,8 @@ def train(
     if ckpt is not None:
         state = load_checkpoint(ckpt, student, optimizer, scheduler, teacher)
         start, best_val, history = state["step"], state["best_val_loss"], state["history"]
-        if log is not None:
-            log.truncate_after(start)
-    elif not resume and dist.is_main:
-        (out / "metrics.jsonl").unlink(missing_ok=True)
+    if log is not None:  # a restart keeps only the log of the steps it resumes from (none when from scratch)
+        log.truncate_after(start)
 
     bar = progress_bar(len(schedule), f"train {settings.objective}", progress and dist.is_main, unit="step", initial=start)
     student.train()
@@ -181,20 +180,25 @@ def _train_step(student: Any, tokenizer: Any, encoded: list[Encoded], micro_batc
     # this rank's share of the window (all of it in a single process), with each micro-batch's global index
     mine = [(a, collate([encoded[i] for i in mb], tokenizer.pad_token_id, settings.token_mask).to(device))
             for a, mb in dist.shard(micro_batches) if mb]
-    on_policy = settings.objective == "gkd" and random.Random(f"{settings.seed}:gkd:{step}").random() < settings.lmbda
-    if on_policy:
+    # GKD tosses its on-policy coin per micro-batch, as the study's trainer (and TRL's) does per training step
+    on_policy = 0
+    if settings.objective == "gkd":
         batches = []
         for a, b in mine:
-            torch.manual_seed(_micro_seed(settings.seed, step, a, 0))
-            batches.append((a, on_policy_batch(student, tokenizer, b, settings)))
+            if random.Random(f"{settings.seed}:gkd:{step}:{a}").random() < settings.lmbda:
+                torch.manual_seed(_micro_seed(settings.seed, step, a, 0))
+                b = on_policy_batch(student, tokenizer, b, settings)
+                on_policy += 1
+            batches.append((a, b))
         mine = batches
-    # the normaliser is the whole window's unit count, summed over ranks (on-policy samples change it)
-    (denom,) = dist.sum_values([sum(units(b.loss_mask, settings.reduction) for _, b in mine)])
+    # the normalisers are the whole window's unit counts, summed over ranks (on-policy samples change them)
+    local = window_units([b for _, b in mine], settings)
+    window = Units(*(int(v) for v in dist.sum_values([local.ce, local.kd])))
     t0 = time.perf_counter()
     loss = ce = kd = 0.0
     for a, b in mine:
         torch.manual_seed(_micro_seed(settings.seed, step, a, 1))
-        parts = batch_loss(student, b, settings, teacher, int(denom))
+        parts = batch_loss(student, b, settings, teacher, window)
         parts.total.backward()
         loss += float(parts.total.detach())
         ce += parts.ce
@@ -208,6 +212,6 @@ def _train_step(student: Any, tokenizer: Any, encoded: list[Encoded], micro_batc
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     tokens = sum(int(b.attention_mask.sum()) for _, b in mine)
-    loss, ce, kd, tokens = dist.sum_values([loss, ce, kd, tokens])
-    return {"step": step + 1, "loss": loss, "ce": ce, "kd": kd, "on_policy": on_policy, "lr": scheduler.get_last_lr()[0],
+    loss, ce, kd, tokens, on_policy = dist.sum_values([loss, ce, kd, tokens, on_policy])
+    return {"step": step + 1, "loss": loss, "ce": ce, "kd": kd, "on_policy": int(on_policy), "lr": scheduler.get_last_lr()[0],
             "grad_norm": grad_norm, "tokens": int(tokens), "seconds": time.perf_counter() - t0}
