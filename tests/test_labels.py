@@ -61,3 +61,15 @@ def test_format_size_writes_sizes_as_model_names_do(name: str) -> None:
     assert "e" not in text
     assert text == name.split("-")[-1]
     assert student_size(f"x-{text}") == pytest.approx(student_size(name))
+
+
+def test_name_parsing() -> None:
+    assert kd_method("student_KD_temp_2.0") == ("SeqKD", 2.0)
+    assert kd_method("student_RevKD_temp_1.0") == ("RevKD", 1.0)
+    assert kd_method("student_GKD_temp_1.0") == ("GKD", 1.0)
+    for other in ("SFT", "BaseModel", "student_KD_base_teacher_temp_1.0", "student_KD_noise_2.0_temp_1.0", "x"):
+        assert kd_method(other) is None
+    assert student_size("Qwen2.5-0.5B") == 0.5 and student_size("Llama-3.2-1B") == 1.0
+    assert teacher_name("Qwen2.5-3B_ckpt2400") == "Qwen2.5-3B"
+    with pytest.raises(InputError):
+        student_size("gpt2")
