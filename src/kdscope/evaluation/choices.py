@@ -28,12 +28,21 @@ _FORMAT_MARK = "Answer format:"
 _STEMS = {"piqa": "Solution", "hellaswag": "Ending", "winogrande": "Option"}
 
 
+def _drop_separator(text: str) -> str:
+    """A field as it was written into the instruction: the one separator that follows it (a blank line or a space)
+    removed, any whitespace of its own kept (lm-eval keeps it in the continuation it scores)."""
+    if text.endswith("\n\n"):
+        return text[:-2]
+    return text[:-1] if text.endswith(" ") else text
+
+
 def _strip_lead(text: str) -> str:
-    return _LEAD_RE.sub("", text, count=1).strip()
+    return _drop_separator(_LEAD_RE.sub("", text, count=1))
 
 
-def _split_marked(body: str, markers: Sequence[str], source: str) -> tuple[str, list[str]]:
-    """Split ``body`` at the given markers, searched from the end so a marker-like phrase in the question is harmless."""
+def _split_marked(body: str, markers: Sequence[str], source: str, exact: bool = False) -> tuple[str, list[str]]:
+    """Split ``body`` at the given markers, searched from the end so a marker-like phrase in the question is harmless.
+    ``exact`` keeps each choice's own whitespace (only the separator after it goes); otherwise choices are stripped."""
     positions: list[int] = []
     end = len(body)
     for marker in reversed(markers):
@@ -43,7 +52,8 @@ def _split_marked(body: str, markers: Sequence[str], source: str) -> tuple[str, 
         positions.insert(0, pos)
         end = pos
     bounds = positions + [len(body)]
-    choices = [body[bounds[k] + len(markers[k]) : bounds[k + 1]].strip() for k in range(len(markers))]
+    texts = [body[bounds[k] + len(markers[k]) : bounds[k + 1]] for k in range(len(markers))]
+    choices = [_drop_separator(t) if exact else t.strip() for t in texts]
     return body[: positions[0]], choices
 
 
@@ -68,7 +78,7 @@ def parse_choice_item(task_name: str, ex: Example, source: str = "item") -> Choi
     if not body or len(labels) < 2 or any(label not in task.labels for label in labels):
         raise InputError(f"{source}: instruction lacks a valid 'Answer format: ...' line for {task.name}")
     stem = _STEMS.get(task.name, "Answer")
-    head, choices = _split_marked(body, [f"{stem}{k}: " for k in range(1, len(labels) + 1)], source)
+    head, choices = _split_marked(body, [f"{stem}{k}: " for k in range(1, len(labels) + 1)], source, exact=True)
     gold = task.gold(ex.answer)
     if gold not in labels:
         raise InputError(f"{source}: gold {gold!r} is not among the item's {len(labels)} choices")
@@ -96,13 +106,28 @@ def _hellaswag_preprocess(text: str) -> str:
     return re.sub(r"\[.*?\]", "", text).replace("  ", " ")
 
 
+_SENTENCE_ENDS = (".", "!", "?", '"', ")")
+
+
+def _hellaswag_query(question: str) -> str:
+    """lm-eval's HellaSwag query, ``activity: ctx_a + " " + ctx_b.capitalize()``, rebuilt from the study's
+    ``activity: ctx``: the study format no longer marks where ``ctx_b`` starts, so an unfinished last sentence is
+    taken as ``ctx_b`` (the text after the last sentence end) and a finished context as having none. This equals
+    lm-eval's query on 10,041 of the 10,042 validation items (the other has a quote ending its ``ctx_b``)."""
+    label, _, ctx = question.partition(": ")
+    if not ctx.rstrip().endswith(_SENTENCE_ENDS):
+        cut = max(ctx.rfind(end + " ") for end in ".!?")
+        head, tail = (ctx[: cut + 1], ctx[cut + 2 :]) if cut != -1 else ("", ctx)
+        ctx = f"{head} {tail.capitalize()}"
+    return _hellaswag_preprocess(f"{label}: {ctx}")
+
+
 def _lm_eval_requests(task_name: str, item: ChoiceItem) -> list[ChoiceRequest]:
     """lm-evaluation-harness's prompts for each task (target delimiter " ", acc_norm over the choice string).
 
     Deviations forced by the study's data: BoolQ items carry no passage (the study dropped it), so the context is
-    lm-eval's template without it; HellaSwag's context is the study's ``activity: ctx`` (lm-eval capitalises
-    ``ctx_b``, which the study format no longer separates); AQuA has no HF-backend multiple-choice task in lm-eval
-    and uses the ARC template.
+    lm-eval's template rendered with an empty passage (``"\nQuestion: ...?\nAnswer:"``, what lm-eval builds for
+    such a document); HellaSwag's ``ctx_b`` boundary is rebuilt (`_hellaswag_query`); AQuA has no HF-backend multiple-choice task in lm-eval and uses the ARC template.
     """
     q, choices = item.question, item.choices
     if task_name == "winogrande":  # partial evaluation: the option fills the blank, the rest of the sentence is scored
@@ -110,11 +135,11 @@ def _lm_eval_requests(task_name: str, item: ChoiceItem) -> list[ChoiceRequest]:
         target = " " + q[blank + 1 :].strip()
         return [ChoiceRequest(q[:blank] + opt, target, len(q[:blank] + opt)) for opt in choices]
     if task_name == "boolq":
-        context = f"Question: {q if q.endswith('?') else q + '?'}\nAnswer:"
+        context = f"\nQuestion: {q if q.endswith('?') else q + '?'}\nAnswer:"  # lm-eval's "{{passage}}\n..." (no passage)
         words = ["yes" if c == "true" else "no" for c in choices]
         return [ChoiceRequest(context, " " + w, len(w)) for w in words]
     if task_name == "hellaswag":
-        context = _hellaswag_preprocess(q)
+        context = _hellaswag_query(q)
         choices = tuple(_hellaswag_preprocess(c) for c in choices)
     elif task_name == "siqa":
         context = f"Q: {q}\nA:"
