@@ -322,9 +322,17 @@ def stats_cmd(
 ) -> None:
     """Reproduce the study's statistical analysis (t-tests, ANOVA, Spearman) and add adjusted p-values, effect sizes,
     robustness tests and a regression. Prints the headline tests (Average, pooled over methods)."""
-    from .stats import ITEM_COLUMNS, analyse, headline, json_ready, markdown_report, read_side_tables, read_tables
+    from .stats import (ITEM_COLUMNS, analyse, headline, json_ready, markdown_report, read_side_tables, read_tables,
+                        require_analysable)
 
-    records = analyse(read_tables(results), read_side_tables(agreement), read_side_tables(fidelity), seed,
+    for option, target in (("--json", json_out), ("--markdown", markdown_out)):
+        if target is not None and target.is_dir():
+            raise InputError(f"{option} {target}: is a folder; give a file path, e.g. {target / 'stats.json'}"
+                             if option == "--json" else
+                             f"{option} {target}: is a folder; give a file path, e.g. {target / 'stats.md'}")
+    table = read_tables(results)
+    require_analysable(table, results)
+    records = analyse(table, read_side_tables(agreement), read_side_tables(fidelity), seed,
                       read_side_tables([items] if items else [], ITEM_COLUMNS))
     if json_out is not None:
         json_out.write_text(json.dumps(json_ready(records), indent=1))
