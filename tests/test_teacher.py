@@ -126,6 +126,25 @@ def test_topk_teacher_matches_dense_topk_and_feeds_sparse_loss(small_teacher: Qw
     assert torch.isfinite(loss) and student.grad is not None
 
 
+def test_topk_tail_is_summed_over_the_ids_outside_the_topk(small_teacher: Qwen2ForCausalLM) -> None:
+    """The tail mass comes from the dense logits, not from 1 - sum(top-k), and the sparse loss with it equals the
+    dense loss when the tail is a single id (k = vocab - 1), where the tail bucket is exact."""
+    ids, attention = batch()
+    dense = OnlineTeacher(small_teacher)(ids, attention).logits.double()
+    width = dense.shape[-1]
+    for k in (8, width - 1):
+        out = OnlineTeacher(small_teacher, topk=k, temperature=2.0)(ids, attention)
+        probs = torch.softmax(dense / 2.0, dim=-1)
+        outside = probs.sum(-1) - probs.gather(-1, out.topk_indices).sum(-1)
+        assert torch.allclose(out.topk_log_tail.double(), outside.log(), atol=1e-5)
+    student = torch.randn(2, 6, width, dtype=torch.float64)
+    sparse = distill_loss_sparse(student, out.topk_values.double(), out.topk_indices, attention, "reverse_kl", 2.0,
+                                 tail="tail_bucket", teacher_log_normalizer=out.topk_log_normalizer,
+                                 teacher_log_tail=out.topk_log_tail)
+    reference = distill_loss(student, dense, attention, "reverse_kl", 2.0)
+    assert torch.allclose(sparse, reference, rtol=1e-5)
+
+
 def test_topk_ignores_padding_rows_beyond_vocab_width(small_teacher: Qwen2ForCausalLM) -> None:
     ids, attention = batch()
     out = OnlineTeacher(small_teacher, topk=5, vocab_width=40)(ids, attention)
