@@ -17,6 +17,7 @@ import torch
 from pydantic import BaseModel, Field
 
 from .errors import InputError
+from .synthetic import corpus
 
 BUILTIN_PREFIX = "builtin:"
 EOS_TOKEN = "<|endoftext|>"
@@ -101,8 +102,6 @@ def train_tiny_tokenizer_json(vocab_size: int = TINY_VOCAB_SIZE) -> str:
     share one tokenizer.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    from .synthetic import corpus
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
