@@ -429,10 +429,11 @@ def cross_entropy_loss(
 
 
 def kd_token_mask(attention_mask: Tensor, response_mask: Tensor | None = None, mode: MaskMode = "all") -> Tensor:
-    """Which aligned positions the loss covers.
+    """Which positions the KD loss covers (positions of the unshifted logits: position t predicts token t+1).
 
-    ``all``: every attended position, prompt included (the study). ``response``: only positions whose next token is a
-    response token; ``response_mask`` [batch, seq] (already aligned like the logits) marks them.
+    ``all``: every attended position, prompt and last token included (the study). ``response``: only the attended
+    positions that ``response_mask`` [batch, seq] marks; the trainer marks the last prompt position (it predicts the
+    first response token) and every position after it.
     """
     if mode == "all":
         return attention_mask.to(torch.bool)
