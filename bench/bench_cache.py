@@ -147,7 +147,8 @@ def run_step_variant(variant: str, cache_root: Path) -> dict[str, float]:
         out = signal(input_ids, attention)
         loss = distill_loss_sparse(logits, out.topk_values[:, :-1], out.topk_indices[:, :-1], attention[:, 1:],
                                    "forward_kl", TEMPERATURE, tail="tail_bucket",
-                                   teacher_log_normalizer=out.topk_log_normalizer[:, :-1])
+                                   teacher_log_normalizer=out.topk_log_normalizer[:, :-1],
+                                   teacher_log_tail=out.topk_log_tail[:, :-1])
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
