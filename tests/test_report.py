@@ -125,3 +125,53 @@ def test_missing_side_tables_are_said_on_the_page(tmp_path: Path) -> None:
         assert missing in page
     assert "student_KD_noise_5.0_temp_1.0" in page
     assert "small study" in page and out.with_suffix(".md").exists()
+
+
+def _one_teacher_table(labels: bool = True) -> pd.DataFrame:
+    """Built-in-sized students of one teacher; ``labels=False`` writes opaque Method labels and the real columns."""
+    rows = [{"Teacher": "-", "Student": s, "Method": "SFT", "gsm8k": 20.0 + 10 * i, "SVAMP": 30.0 + 10 * i}
+            for i, s in enumerate(["TinyQwen-35K", "TinyQwen-66K", "TinyQwen-144K", "TinyQwen-657K"])]
+    gains = iter(np.random.default_rng(0).normal(2, 2, 60))
+    for student in ("TinyQwen-35K", "TinyQwen-66K", "TinyQwen-144K"):
+        sft = next(r for r in rows if r["Student"] == student)
+        for method, stem in (("SeqKD", "KD"), ("RevKD", "RevKD"), ("GKD", "GKD")):
+            for temp in ((1.0, 2.0) if method != "GKD" else (1.0,)):
+                gain = next(gains)
+                rows.append({"Teacher": "TinyQwen-657K", "Student": student,
+                             "Method": f"student_{stem}_temp_{temp}" if labels else f"job-{len(rows)}",
+                             "KDMethod": method, "Temperature": temp if method != "GKD" else np.nan, "Ablation": "",
+                             "gsm8k": sft["gsm8k"] + gain, "SVAMP": sft["SVAMP"] + next(gains)})
+    table = pd.DataFrame(rows)
+    table["Average"] = table[["gsm8k", "SVAMP"]].mean(axis=1)
+    return table if not labels else table.drop(columns=["KDMethod", "Temperature", "Ablation"])
+
+
+def test_student_sizes_are_written_in_human_units() -> None:
+    """Issue 13: the size axis read 3.5e-05B for the built-in models."""
+    from kdscope.plots import gain_vs_size
+    from kdscope.stats import run_analysis
+
+    fig = gain_vs_size(run_analysis(_one_teacher_table()).configs)
+    labels = [t.get_text() for t in fig.axes[0].get_xticklabels()]
+    assert labels == ["35K", "66K", "144K"]
+
+
+def test_plots_read_the_real_columns() -> None:
+    """Issue 14 item 5: rows of kdscope's own tables are described by KDMethod/Temperature, not by their label."""
+    from kdscope.plots import accuracy_vs_temperature
+
+    fig = accuracy_vs_temperature(_one_teacher_table(labels=False))
+    assert fig is not None
+    legend = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert legend == ["GKD (mean)", "RevKD (mean)", "SeqKD (mean)"]
+
+
+def test_unidentifiable_regression_terms_are_said_and_no_warning_escapes(tmp_path: Path) -> None:
+    """One teacher: its score is a function of the task, so the regression cannot identify it (issue 13)."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        page = render_report(_one_teacher_table(), tmp_path / "one.html").read_text()
+    assert [f"{w.filename}: {w.message}" for w in caught] == []
+    assert "not identifiable (collinear with" in page and "teacher_score" in page

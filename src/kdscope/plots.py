@@ -16,10 +16,12 @@ from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import NullLocator  # noqa: E402
 from scipy import stats  # noqa: E402
 
-from .labels import kd_method, teacher_name  # noqa: E402
-from .stats import AVERAGE, domain_columns  # noqa: E402
+from .labels import KD_METHOD_TABLE, format_size, teacher_name  # noqa: E402
+from .stats import AVERAGE, describe_rows, domain_columns  # noqa: E402
 
-METHOD_COLOURS = {"SeqKD": "#1f77b4", "RevKD": "#d62728", "GKD": "#2ca02c"}
+METHOD_COLOURS = dict(zip((m.name for m in KD_METHOD_TABLE), ("#1f77b4", "#d62728", "#2ca02c")))
+# GKD ignores the temperature (the study's tables still label it temp_1.0): where a row has none it is drawn at 1.
+NO_TEMPERATURE = 1.0
 JOINT_PARTS = ("both", "teacher_only", "student_only", "neither")
 JOINT_COLOURS = ("#4c9a2a", "#f0a202", "#3a7ca5", "#b0b0b0")
 DPI = 110
@@ -68,7 +70,7 @@ def gain_vs_size(configs: dict[str, pd.DataFrame]) -> Figure | None:
         ax.set_xscale("log")
         sizes = sorted(data["student_size"].unique())
         ax.xaxis.set_minor_locator(NullLocator())
-        ax.set_xticks(sizes, [f"{s:g}B" for s in sizes])
+        ax.set_xticks(sizes, [format_size(s) for s in sizes])
         ax.set(title=f"{domain}: KD gain vs student size", xlabel="student size", ylabel="gain over SFT (Average, pts)")
         _method_legend(ax)
     return fig
@@ -80,9 +82,11 @@ def accuracy_vs_temperature(results: pd.DataFrame) -> Figure | None:
     panels = {}
     for domain, columns in domain_columns(results).items():
         rows = results[results[columns].notna().any(axis=1)]
-        parsed = rows["Method"].map(kd_method)
-        kd = rows[parsed.notna()].assign(
-            method=parsed[parsed.notna()].map(lambda p: p[0]), T=parsed[parsed.notna()].map(lambda p: p[1]),
+        described = describe_rows(rows)
+        plain_kd = (described["kd_method"] != "") & (described["ablation"] == "")
+        kd = rows[plain_kd].assign(
+            method=described.loc[plain_kd, "kd_method"],
+            T=described.loc[plain_kd, "temperature"].fillna(NO_TEMPERATURE),
             pair=lambda d: d["Teacher"].map(teacher_name) + "→" + d["Student"],
             score=lambda d: d[AVERAGE] if AVERAGE in d else d[columns].mean(axis=1))
         if not kd.empty:
