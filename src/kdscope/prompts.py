@@ -11,7 +11,7 @@ EOS appended only when there is room (and, for a generated response, only when i
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from .errors import InputError
@@ -23,9 +23,6 @@ class Example:
     answer: str
     input: str = ""
     output: str = ""
-
-    def to_dict(self) -> dict[str, str]:
-        return asdict(self)
 
 
 # --------------------------------------------------------------------------------------------------------------------
