@@ -35,8 +35,9 @@ def study_tables(job: Job, store: StudyStore) -> dict[str, pd.DataFrame | None]:
     results = _frame(store.rows("result", keys))
     return {
         "results": results,
-        "agreement": study_pairs(_side_table(store, "agreement", keys)),
-        "fidelity": study_pairs(_side_table(store, "fidelity", keys)),
+        # every student's own row (per seed): stats attaches to each configuration the student it describes
+        "agreement": _side_table(store, "agreement", keys),
+        "fidelity": _side_table(store, "fidelity", keys),
         "joint": pooled_joint(_side_table(store, "joint", keys)),
     }
 
