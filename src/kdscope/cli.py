@@ -505,7 +505,8 @@ def eval_cmd(
             summary = evaluate_loglik(generator.model, generator.tokenizer, name, examples, path, prompt=prompt,  # type: ignore[arg-type]
                                       batch_size=batch_size, progress=not quiet)
         summaries.append(summary)
-        typer.echo(f"{summary['task']}: {summary['correct']}/{summary['n']} correct, accuracy {summary['accuracy']:.4f}")
+        clean = f", cleaned parse {summary['accuracy_clean']:.4f}" if "accuracy_clean" in summary else ""
+        typer.echo(f"{summary['task']}: {summary['correct']}/{summary['n']} correct, accuracy {summary['accuracy']:.4f}{clean}")
     row = summary_row(summaries, student=student_name or Path(model).name, teacher=teacher_name, method=method)
     write_summary_csv(out / "summary.csv", row)
     (out / "summary.json").write_text(json.dumps({"row": row, "tasks": summaries}, indent=1), encoding="utf-8")

@@ -25,6 +25,7 @@ def test_cli_eval_generate_and_loglik(shared_data: Path, tmp_path: Path) -> None
     result = runner.invoke(app, [*base, "--tasks", "gsm8k,SVAMP", "--max-new-tokens", "4", "--method", "SFT"])
     assert result.exit_code == 0, result.output
     assert len((out / "gsm8k.jsonl").read_text().splitlines()) == 3
+    assert "cleaned parse" in result.output  # generative runs also report the cleaned parse's accuracy
     result = runner.invoke(app, [*base, "--tasks", "ARC-Easy,boolq", "--mode", "loglik", "--out", str(tmp_path / "ll")])
     assert result.exit_code == 0, result.output
     header = (tmp_path / "ll" / "summary.csv").read_text().splitlines()[0]
