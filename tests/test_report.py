@@ -175,3 +175,19 @@ def test_unidentifiable_regression_terms_are_said_and_no_warning_escapes(tmp_pat
         page = render_report(_one_teacher_table(), tmp_path / "one.html").read_text()
     assert [f"{w.filename}: {w.message}" for w in caught] == []
     assert "not identifiable (collinear with" in page and "teacher_score" in page
+
+
+def test_report_of_a_folder_goes_through_the_study_store(tmp_path: Path) -> None:
+    """`kdscope report FOLDER` imported report_from_store from a module that no longer has it (a traceback)."""
+    folder = tmp_path / "study"
+    folder.mkdir()
+    (folder / "study.sqlite").write_bytes(b"")
+    result = CliRunner().invoke(app, ["report", str(folder), "--out", str(tmp_path / "r.html")])
+    assert result.exit_code == 2 and "no study.json" in result.output and "\n" not in result.output.strip()
+
+
+def test_report_out_naming_a_folder(tmp_path: Path) -> None:
+    table = tmp_path / "results.csv"
+    _one_teacher_table().to_csv(table, index=False)
+    result = CliRunner().invoke(app, ["report", str(table), "--out", str(tmp_path)])
+    assert result.exit_code == 2 and "--out" in result.output and "folder" in result.output

@@ -358,8 +358,10 @@ def report_cmd(
     from .report import JOINT_COLUMNS, render_report
     from .stats import read_side_tables, read_tables
 
+    if out.is_dir():
+        raise InputError(f"--out {out}: is a folder; give an HTML file path, e.g. {out / 'report.html'}")
     if len(results) == 1 and (results[0] / "study.sqlite").is_file():
-        from .study.jobs import report_from_store
+        from .study.tables import report_from_store
 
         path = report_from_store(results[0], out, seed=seed)
         typer.echo(f"wrote {path} and {path.with_suffix('.md')}")
