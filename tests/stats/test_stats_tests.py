@@ -74,3 +74,22 @@ def test_dz_interval_inverts_the_noncentral_t() -> None:
     assert sps.nct.cdf(t_obs, n - 1, low * math.sqrt(n)) == pytest.approx(0.975, abs=1e-6)
     assert sps.nct.cdf(t_obs, n - 1, high * math.sqrt(n)) == pytest.approx(0.025, abs=1e-6)
     assert low < d < high
+
+
+def test_degenerate_input_gives_nan_not_library_warnings() -> None:
+    """Issue 13: no library warning reaches the console; a statistic that cannot be computed is NaN (shown "-")."""
+    import warnings
+
+    table = toy_table()
+    scores = ["gsm8k", "SVAMP", "Average"]
+    sft = table["Method"] == "SFT"
+    for student in table["Student"].unique():  # every KD student scores exactly its SFT score: zero gains
+        mine = table["Student"] == student
+        table.loc[mine & ~sft, scores] = table.loc[mine & sft, scores].to_numpy(float)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        records = analyse(table)
+    assert [f"{w.category.__name__}: {w.message}" for w in caught] == []
+    pooled = [r for r in records if r["hypothesis"] == "kd_beats_sft" and r["method"] == "all"]
+    assert pooled and all(math.isnan(r["statistic"]) for r in pooled)
+    assert not [r for r in records if r["hypothesis"] in ("student_size", "teacher_score", "student_sft")]

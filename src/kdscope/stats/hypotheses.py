@@ -116,7 +116,8 @@ def hypothesis_records(configs: pd.DataFrame, seed: int) -> list[dict[str, objec
             records.append({**base, "hypothesis": "kd_beats_sft", "n": len(imp), **kd_beats_sft(imp, seed)})
             for name in CORRELATES:
                 pairs = subset[["improvement", name]].dropna()
-                if len(pairs) >= 3 and pairs[name].nunique() > 1:
+                # a rank correlation needs variation on both sides; without it there is nothing to test
+                if len(pairs) >= 3 and pairs[name].nunique() > 1 and pairs["improvement"].nunique() > 1:
                     records.append({**base, "hypothesis": name, "n": len(pairs),
                                     **correlation(pairs["improvement"].to_numpy(), pairs[name].to_numpy())})
         groups = {m: by_task.loc[by_task["method"] == m, "improvement"].to_numpy(float) for m in KD_METHODS}

@@ -19,6 +19,7 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
+from ..labels import KD_METHODS
 from .tables import AVERAGE
 
 OLS_TEST = "OLS, task fixed effect"
@@ -39,7 +40,8 @@ def regression_records(configs: pd.DataFrame) -> list[dict[str, object]]:
         return []
     data["log_size"] = np.log(data["student_size"])
     domain = str(data["domain"].iloc[0])
-    method_term = "C(method, Treatment('SeqKD'))" if "SeqKD" in set(data["method"]) else "C(method)"
+    reference = KD_METHODS[0]  # SeqKD: the other methods' coefficients are differences from it
+    method_term = f"C(method, Treatment('{reference}'))" if reference in set(data["method"]) else "C(method)"
     fixed = f"improvement ~ log_size + teacher_score + {method_term}"
     base = {"domain": domain, "method": "all", "task": "all tasks", "n": len(data)}
 
