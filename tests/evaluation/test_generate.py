@@ -23,6 +23,7 @@ from kdscope.evaluation import (
 )
 from kdscope.prompts import Example, build_prompt
 
+from bos_tokenizer import bos_model
 from eval_helpers import scaled_tiny_model
 
 
@@ -142,8 +143,8 @@ def test_study_preset_keeps_the_whole_generation(sharp_model, gsm8k_items, tmp_p
     prompt as the tokenizer encodes it by default (``bos``: a tokenizer that adds BOS, as Llama-3's does)."""
     model, tok = sharp_model
     if bos:
-        model, tok = scaled_tiny_model("tiny-qwen-m")
-        tok.bos_token, tok.add_bos_token = tok.eos_token, True
+        model, tok = bos_model("tiny-qwen-m")
+        assert tok("a")["input_ids"][0] == tok.bos_token_id
     settings = generation_preset("study", max_new_tokens=12, batch_size=1)
     assert settings.stop_strings == []
     out = tmp_path / "gsm8k.jsonl"

@@ -14,6 +14,7 @@ from kdscope.data import convert_hf_rows
 from kdscope.evaluation import choice_requests, score_choice_requests
 from kdscope.models import build_tiny_model
 
+from bos_tokenizer import bos_model
 from conftest import require
 from eval_helpers import olmo_folder
 
@@ -69,11 +70,9 @@ def harness_model(request) -> tuple[Any, Any, Any]:
     require(importlib.util.find_spec("lm_eval") is not None, "lm-eval is not installed (requirements-test.txt)")
     from lm_eval.models.huggingface import HFLM
 
-    model, tok = build_tiny_model("tiny-qwen-m", seed=0)
+    model, tok = bos_model("tiny-qwen-m") if request.param == "bos" else build_tiny_model("tiny-qwen-m", seed=0)
     if request.param == "bos":
-        tok.bos_token = tok.eos_token
-        tok.add_bos_token = True
-        assert tok("a")["input_ids"][0] == tok.bos_token_id
+        assert tok("a")["input_ids"][0] == tok.bos_token_id != tok.eos_token_id
     model.eval()
     return model, tok, HFLM(pretrained=model, tokenizer=tok, batch_size=8)
 
