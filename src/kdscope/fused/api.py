@@ -12,17 +12,21 @@ from kdscope.errors import InputError
 from kdscope.losses import LossParts, Reduction, TailMode, divergence_rows, sparse_log_probs
 
 from .engine import (
+    AUTOGRAD_BLOCKS_PER_ROW,
+    CROSS_ENTROPY_BLOCKS_PER_ROW,
     DEFAULT_MEMORY_BUDGET_BYTES,
+    FORWARD_KL_BLOCKS_PER_ROW,
     TOPK_BLOCKS_PER_ROW,
+    ChunkPlan,
     check_inputs,
     check_loss,
-    fused_head_total,
-    ChunkPlan,
-    soften,
-    wants_grad,
     chunk_rows,
+    fused_head_total,
+    log_softmax_,
     masked_row_weights,
+    soften,
     teacher_noise,
+    wants_grad,
 )
 from .heads import LinearHead
 
@@ -65,36 +69,45 @@ def fused_distill_parts(
     width = min(student_head.vocab, teacher_head.vocab)
 
     @torch.no_grad()
-    def teacher_log_probs(start: int, stop: int, dtype: torch.dtype) -> Tensor:
-        teacher_logits = F.linear(teacher_rows[start:stop], t_weight[:width], None if t_bias is None else t_bias[:width])
+    def teacher_logits(start: int, stop: int, dtype: torch.dtype) -> Tensor:
+        logits = F.linear(teacher_rows[start:stop], t_weight[:width], None if t_bias is None else t_bias[:width])
         if noise_sigma > 0:
-            noise = teacher_noise(noise_seed, range(start, stop), width, teacher_logits.device)
-            teacher_logits = teacher_logits.float() + noise_sigma * noise
-        return F.log_softmax(soften(teacher_logits.to(dtype), temperature), dim=-1)
+            noise = teacher_noise(noise_seed, range(start, stop), width, logits.device)
+            logits = logits.float() + noise_sigma * noise
+        return logits.to(dtype)
 
     def row_loss(student_logits: Tensor, start: int, stop: int) -> Tensor:
-        log_p = teacher_log_probs(start, stop, student_logits.dtype)
+        log_p = F.log_softmax(soften(teacher_logits(start, stop, student_logits.dtype), temperature), dim=-1)
         log_q = F.log_softmax(soften(student_logits, temperature), dim=-1)
         return divergence_rows(log_p, log_q, loss, beta, alpha)
 
-    def forward_kl_and_grad(student_logits: Tensor, start: int, stop: int) -> tuple[Tensor, Tensor]:
-        # KL(p || q) with q = softmax(s / T): value sum p (log p - log q), gradient (q - p) / T with respect to s
-        log_p = teacher_log_probs(start, stop, student_logits.dtype)
-        log_q = F.log_softmax(soften(student_logits, temperature), dim=-1)
-        p = log_p.exp()
-        per_row = torch.linalg.vecdot(p, log_p.sub_(log_q))
-        grad = log_q.exp_().sub_(p)
+    def kl_and_grad(student_logits: Tensor, start: int, stop: int) -> tuple[Tensor, Tensor]:
+        # Closed forms with q = softmax(s / T), in place on the chunk's own logits (3 vocabulary-wide blocks):
+        # KL(p || q) = sum p (log p - log q), gradient (q - p) / T;
+        # KL(q || p) = sum q (log q - log p), gradient q (log q - log p - KL(q || p)) / T.
+        log_p = log_softmax_(teacher_logits(start, stop, student_logits.dtype), temperature)
+        log_q = log_softmax_(student_logits, temperature)
+        if forward:
+            p = log_p.exp()
+            per_row = torch.linalg.vecdot(p, log_p.sub_(log_q))
+            grad = log_q.exp_().sub_(p)
+        else:
+            q = log_q.exp()
+            per_row = torch.linalg.vecdot(q, log_q.sub_(log_p))
+            grad = log_q.sub_(per_row.unsqueeze(1)).mul_(q)
         return per_row, grad if temperature == 1.0 else grad.div_(temperature)
 
-    is_forward_kl = loss == "forward_kl" or (loss == "jsd" and beta == 0.0)
+    forward = loss == "forward_kl" or (loss == "jsd" and beta == 0.0)
+    closed_form = forward or loss == "reverse_kl" or (loss == "jsd" and beta == 1.0)
     plan = ChunkPlan(
         row_loss,
         weights,
         width,
-        chunk_rows(width, rows.shape[0], memory_budget),
+        chunk_rows(width, rows.shape[0], memory_budget,
+                   FORWARD_KL_BLOCKS_PER_ROW if closed_form else AUTOGRAD_BLOCKS_PER_ROW),
         temperature**2 if scale_by_t2 else 1.0,
         wants_grad(rows, student_head.weight, student_head.bias),
-        forward_kl_and_grad if is_forward_kl else None,
+        kl_and_grad if closed_form else None,
     )
     return LossParts(total=fused_head_total(rows, student_head, plan), count=count)
 
@@ -192,14 +205,14 @@ def fused_cross_entropy_parts(
         chunk_targets = targets[start:stop]
         log_normalizer = torch.logsumexp(logits, dim=-1, keepdim=True)
         per_row = (log_normalizer - logits.gather(1, chunk_targets)).squeeze(1)
-        grad = logits.sub(log_normalizer).exp_()
+        grad = logits.sub_(log_normalizer).exp_()  # in place: the chunk's logits are its own
         return per_row, grad.scatter_add_(1, chunk_targets, torch.full_like(chunk_targets, -1, dtype=grad.dtype))
 
     plan = ChunkPlan(
         row_loss,
         weights,
         head.vocab,
-        chunk_rows(head.vocab, rows.shape[0], memory_budget),
+        chunk_rows(head.vocab, rows.shape[0], memory_budget, CROSS_ENTROPY_BLOCKS_PER_ROW),
         1.0,
         wants_grad(rows, head.weight, head.bias),
         row_loss_and_grad,

@@ -15,36 +15,43 @@ from kdscope.losses import LOSS_NAMES, Reduction
 
 from .heads import LinearHead
 
-DEFAULT_MEMORY_BUDGET_BYTES = 256 * 2**20
+DEFAULT_MEMORY_BUDGET_BYTES = 128 * 2**20
 """Bytes of vocabulary-wide temporaries one chunk may hold; see :func:`chunk_rows` for how it sets the chunk size."""
 
-LOSS_BLOCKS_PER_ROW = 16
-"""Vocabulary-wide float32 blocks alive per row while a divergence chunk runs (an upper count, JSD being the widest):
-student and teacher logits, their temperature-scaled copies and log-softmaxes, the mixture and the KL terms kept for
-autograd, the noise draw, the logits' gradient."""
+AUTOGRAD_BLOCKS_PER_ROW = 16
+"""Vocabulary-wide float32 blocks alive per row while a divergence runs through autograd (an upper count, JSD being
+the widest): student and teacher logits, their temperature-scaled copies and log-softmaxes, the mixture and the KL
+terms kept for autograd, the noise draw, the logits' gradient."""
+
+FORWARD_KL_BLOCKS_PER_ROW = 4
+"""The closed-form forward and reverse KL (in place): student logits -> log q -> gradient, teacher log p, p (or q),
+and one for the noise draw or a temperature-scaled copy."""
+
+CROSS_ENTROPY_BLOCKS_PER_ROW = 2
+"""The closed-form cross-entropy: the logits, turned into their gradient in place, and one spare."""
 
 TOPK_BLOCKS_PER_ROW = 4
-"""The same for the top-k builder: the logits, their float32 copy, one logits / T and its exponentials."""
+"""The top-k builder: the logits, their float32 copy, one logits / T with the top-k masked out, its exponentials."""
 
 
-def chunk_rows(vocab: int, n_rows: int, budget_bytes: int, blocks_per_row: int = LOSS_BLOCKS_PER_ROW) -> int:
+def chunk_rows(vocab: int, n_rows: int, budget_bytes: int, blocks_per_row: int = AUTOGRAD_BLOCKS_PER_ROW) -> int:
     """Rows per chunk: as many as fit ``budget_bytes`` of float32 [rows, vocab] temporaries, at least 1, at most all.
 
     Why a budget and not a fixed row count. A chunk costs two things: its vocabulary-wide temporaries, which grow with
-    rows x vocab (about ``blocks_per_row`` float32 blocks per row, 9.3 MiB per row at vocab 151,936), and one read of
-    each head weight ([vocab, hidden], re-read by every chunk for the forward and twice more for the gradients), a
-    fixed cost per chunk. Few, large chunks amortise that re-read (the speed side: on a GPU a [rows, hidden] x
-    [hidden, vocab] product only reaches full throughput for a few hundred rows); small chunks bound the peak (the
-    memory side). The right row count therefore depends on the vocabulary width and on how much memory the caller can
-    spare, never on the batch: so the caller gives bytes and the rows follow. The default 256 MiB gives 27 rows at
-    vocab 151,936 (about the peak of Liger-Kernel's 64-row chunks, which hold fewer blocks per row) and 8,192 rows
-    (everything at once) for a 512-id vocabulary.
+    rows x vocab (``blocks_per_row`` float32 blocks per row, 0.58 MiB each at vocab 151,936, by loss: 4 for the
+    closed-form KLs, 2 for cross-entropy, 16 through autograd), and one read of each head weight ([vocab, hidden],
+    re-read by every chunk for the logits and twice more for the gradients), a fixed cost per chunk. Few, large chunks
+    amortise that re-read (on this 2-core CPU a [rows, 64] x [64, 151,936] product costs 3x more per row at 16 rows
+    than at 128; on a GPU it needs a few hundred rows to reach full throughput); small chunks bound the peak. The
+    right row count therefore depends on the vocabulary width, the loss's temporaries and how much memory the caller
+    can spare, never on the batch: so the caller gives bytes and the rows follow. The default 128 MiB gives 55 rows
+    for forward KL at vocab 151,936 (Liger-Kernel's 64-row chunks hold about as much), 110 for cross-entropy, 13 for
+    JSD, and every row at once for a 512-id vocabulary. On a GPU with memory to spare, raise it (1-2 GiB).
     """
     if budget_bytes < 1:
         raise InputError(f"memory budget must be >= 1 byte, got {budget_bytes}")
     per_row = max(vocab, 1) * 4 * blocks_per_row
     return max(1, min(max(n_rows, 1), budget_bytes // per_row))
-
 
 
 def noise_row_seed(seed: int, row: int) -> int:
@@ -165,6 +172,13 @@ def fused_head_total(hidden: Tensor, head: LinearHead, plan: ChunkPlan) -> Tenso
 def soften(logits: Tensor, temperature: float) -> Tensor:
     """logits / T; at T = 1 the logits themselves (x / 1 == x exactly, one vocabulary-wide pass saved)."""
     return logits if temperature == 1.0 else logits / temperature
+
+
+def log_softmax_(logits: Tensor, temperature: float) -> Tensor:
+    """log_softmax(logits / T) in place (the caller owns ``logits``): no second vocabulary-wide block is kept."""
+    if temperature != 1.0:
+        logits.div_(temperature)
+    return logits.sub_(torch.logsumexp(logits, dim=-1, keepdim=True))
 
 
 def wants_grad(*tensors: Tensor | None) -> bool:
