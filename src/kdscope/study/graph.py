@@ -10,12 +10,14 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal, Sequence, get_args
 
 from ..errors import InputError
-from ..labels import student_size
-from .spec import METHODS, DomainSpec, ModelEntry, Study
+from ..labels import (BASE_MODEL_LABEL, BASE_TEACHER, NOISE_PREFIX, SFT_LABEL, method_spec, noise_ablation, row_label,
+                      student_size)
+from .spec import DomainSpec, KDRuns, ModelEntry, Study
 
 JobKind = Literal["pretrain", "sft", "cache", "kd", "eval", "fidelity", "analysis"]
 
@@ -27,7 +29,7 @@ class Job:
     params: dict[str, Any]
     deps: dict[str, "Job"] = field(default_factory=dict)
 
-    @property
+    @cached_property  # a job's params and deps are fixed once expand() made it; the key is asked for often
     def key(self) -> str:
         payload = {"kind": self.kind, "params": self.params, "deps": {k: d.key for k, d in sorted(self.deps.items())}}
         return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -50,7 +52,7 @@ def resolved_settings(study: Study, domain: DomainSpec, part: str, **extra: Any)
 
 def _sft_job(study: Study, entry: ModelEntry, domain: DomainSpec, seed: int, base: "Job | None", teacher: bool) -> Job:
     part = "teacher_sft" if teacher else "student_sft"
-    params = {"model": entry.model, "name": entry.name, "train": domain.train, "seed": seed,
+    params = {"model": entry.model, "name": entry.name, "domain": domain.name, "train": domain.train, "seed": seed,
               "settings": resolved_settings(study, domain, part, objective="sft", seed=seed), "device": study.device,
               "trust_remote_code": entry.trust_remote_code}
     return Job("sft", f"SFT {entry.name} {domain.name} seed {seed}", params, {"base": base} if base else {})
@@ -76,29 +78,30 @@ def expand(study: Study) -> list[Job]:
                 "token_mask": study.pretrain.token_mask})) if steps else None
         for domain in study.domains:
             for entry in (*family.teachers, *family.students):
-                evals.append(add(_eval_job(study, domain, entry, "-", "BaseModel", None, bases[entry.name], None)))
+                evals.append(add(_eval_job(study, domain, entry, "-", BASE_MODEL_LABEL, None, bases[entry.name],
+                                           None)))
             for seed in study.seeds:
                 teacher_sft = {}
                 for entry in family.teachers:
                     teacher_sft[entry.name] = sft = add(_sft_job(study, entry, domain, seed, bases[entry.name], True))
-                    evals.append(add(_eval_job(study, domain, entry, "-", "SFT", sft, bases[entry.name], seed)))
+                    evals.append(add(_eval_job(study, domain, entry, "-", SFT_LABEL, sft, bases[entry.name], seed)))
                 for student in family.students:
                     if student.name in teacher_sft:  # a model that is also a teacher has one SFT row: the teacher's
                         continue
                     sft = add(_sft_job(study, student, domain, seed, bases[student.name], False))
-                    evals.append(add(_eval_job(study, domain, student, "-", "SFT", sft, bases[student.name], seed)))
+                    evals.append(add(_eval_job(study, domain, student, "-", SFT_LABEL, sft, bases[student.name],
+                                               seed)))
                 for teacher in family.teachers:
+                    students = [s for s in family.students if teacher_larger(teacher, s)]
                     caches = {variant: add(job) for variant, job in _cache_jobs(
-                        study, domain, seed, teacher, teacher_sft[teacher.name], bases[teacher.name]).items()}
-                    for student in family.students:
-                        if not teacher_larger(teacher, student):
-                            continue
-                        for kd in _kd_variants(study, teacher.name):
-                            job = add(_kd_job(study, domain, seed, teacher, student, kd, teacher_sft[teacher.name],
-                                              bases[teacher.name], bases[student.name],
-                                              caches.get(kd.get("base_teacher", False))))
-                            evals.append(add(_eval_job(study, domain, student, teacher.name, kd["label"], job,
-                                                       bases[student.name], seed, teacher_entry=teacher)))
+                        study, domain, seed, teacher, students, teacher_sft[teacher.name],
+                        bases[teacher.name]).items()}
+                    for student in students:
+                        for run in kd_runs(study, teacher.name, student.name):
+                            job = add(_kd_job(study, domain, seed, teacher, student, run, teacher_sft[teacher.name],
+                                              bases[teacher.name], bases[student.name], caches.get(run.base_teacher)))
+                            evals.append(add(_eval_job(study, domain, student, teacher.name, run.label, job,
+                                                       bases[student.name], seed, run)))
     ordered = list(jobs.values())
     fidelity = _fidelity_jobs(study, evals)
     analysis = Job("analysis", "statistics and report", {"study": study.name}, {e.key: e for e in evals + fidelity})
@@ -116,41 +119,77 @@ def teacher_larger(teacher: ModelEntry, student: ModelEntry) -> bool:
         return True
 
 
-def _kd_variants(study: Study, teacher: str) -> list[dict[str, Any]]:
-    out = []
-    for method in study.methods:
-        for t in study.temperatures:
-            out.append({"method": method, "temperature": t, "label": f"student_{METHODS[method]['label']}_temp_{t}"})
+@dataclass(frozen=True)
+class KDRun:
+    """One KD student of a (teacher, student) pair: method, temperature and teacher-signal ablation."""
+
+    method: str  # SeqKD / RevKD / GKD
+    temperature: float
+    ablation: str = ""  # "" | "base_teacher" | "noise_sigma=<s>" (the result rows' Ablation column)
+
+    @property
+    def base_teacher(self) -> bool:
+        return self.ablation == BASE_TEACHER
+
+    @property
+    def noise_sigma(self) -> float:
+        return float(self.ablation.removeprefix(NOISE_PREFIX)) if self.ablation.startswith(NOISE_PREFIX) else 0.0
+
+    @property
+    def label(self) -> str:
+        return row_label(self.method, self.temperature, self.ablation)
+
+
+def kd_grids(study: Study) -> list[KDRuns]:
+    """The study's KD grids: ``kd_runs`` as written, or ``methods`` x ``temperatures`` (a list for every method, or
+    one per method, 1.0 where a method has none) for every pair."""
+    if study.kd_runs is not None:
+        return study.kd_runs
+    if isinstance(study.temperatures, dict):
+        return [KDRuns(methods=[m], temperatures=study.temperatures.get(m, [1.0])) for m in study.methods]
+    return [KDRuns(methods=study.methods, temperatures=study.temperatures)]
+
+
+def kd_runs(study: Study, teacher: str, student: str) -> list[KDRun]:
+    """Every KD student of one pair, in the study's order. A method whose study loss uses no temperature (GKD) runs
+    once, at 1.0, as the study's tables label it."""
+    runs: dict[KDRun, None] = {}
+    for grid in kd_grids(study):
+        if grid.teachers is not None and teacher not in grid.teachers:
+            continue
+        if grid.students is not None and student not in grid.students:
+            continue
+        for method in grid.methods:
+            temperatures = grid.temperatures if method_spec(method).uses_temperature else [1.0]
+            runs.update((KDRun(method, float(t)), None) for t in temperatures)
     ab = study.ablations
-    if not _ablated(study, teacher):
-        return out
-    label = METHODS[ab.method]["label"]
-    if ab.base_teacher:
-        out.append({"method": ab.method, "temperature": ab.temperature, "base_teacher": True,
-                    "label": f"student_{label}_base_teacher_temp_{ab.temperature}"})
-    for sigma in ab.noise_sigmas:
-        out.append({"method": ab.method, "temperature": ab.temperature, "noise_sigma": sigma,
-                    "label": f"student_{label}_noise_{sigma}_temp_{ab.temperature}"})
-    return out
+    if ab.teachers is None or teacher in ab.teachers:
+        temperature = ab.temperature if method_spec(ab.method).uses_temperature else 1.0
+        if ab.base_teacher:
+            runs[KDRun(ab.method, temperature, BASE_TEACHER)] = None
+        runs.update((KDRun(ab.method, temperature, noise_ablation(sigma)), None) for sigma in ab.noise_sigmas)
+    return list(runs)
 
 
-def _ablated(study: Study, teacher: str) -> bool:
-    """Whether the teacher-signal ablations run for this teacher (``ablations.teachers``, default all)."""
-    return study.ablations.teachers is None or teacher in study.ablations.teachers
+def _uses_cache(run: KDRun) -> bool:
+    """The cache holds the noise-free top-k only: noise runs (N(0, sigma^2) on every logit) use the teacher online."""
+    return not run.noise_sigma
 
 
-def _cache_jobs(study: Study, domain: DomainSpec, seed: int, teacher: ModelEntry, teacher_sft: Job,
-                teacher_base: Job | None) -> dict[bool, Job]:
+def _cache_jobs(study: Study, domain: DomainSpec, seed: int, teacher: ModelEntry, students: list[ModelEntry],
+                teacher_sft: Job, teacher_base: Job | None) -> dict[bool, Job]:
     """With ``training.kd.teacher_topk`` set, one teacher pass per (teacher, domain, seed) - and one more for the
     base-teacher ablation - serves every student, method and temperature (keyed: base_teacher True/False)."""
     kd = resolved_settings(study, domain, "kd")
     if not kd.get("teacher_topk"):
         return {}
-    temperatures = sorted({1.0, *study.temperatures, study.ablations.temperature})
-    variants = [False, True] if study.ablations.base_teacher and _ablated(study, teacher.name) else [False]
+    runs = [r for s in students for r in kd_runs(study, teacher.name, s.name) if _uses_cache(r)]
+    temperatures = sorted({1.0, *(r.temperature for r in runs)})
+    variants = sorted({r.base_teacher for r in runs})
     jobs = {}
     for base in variants:
-        params = {"teacher": teacher.model, "train": domain.train, "seed": seed, "k": kd["teacher_topk"],
+        params = {"teacher": teacher.model, "teacher_name": teacher.name, "domain": domain.name, "train": domain.train,
+                  "seed": seed, "k": kd["teacher_topk"],
                   "temperatures": temperatures, "prompt_style": kd.get("prompt_style", "study"),
                   "max_length": kd.get("max_length", 256), "base_teacher": base, "device": study.device,
                   "trust_remote_code": teacher.trust_remote_code}
@@ -162,31 +201,35 @@ def _cache_jobs(study: Study, domain: DomainSpec, seed: int, teacher: ModelEntry
     return jobs
 
 
-def _kd_job(study: Study, domain: DomainSpec, seed: int, teacher: ModelEntry, student: ModelEntry, kd: dict[str, Any],
+def _kd_job(study: Study, domain: DomainSpec, seed: int, teacher: ModelEntry, student: ModelEntry, run: KDRun,
             teacher_sft: Job, teacher_base: Job | None, student_base: Job | None, cache: Job | None = None) -> Job:
-    method = METHODS[kd["method"]]
-    settings = resolved_settings(study, domain, "kd", objective=method["objective"], loss=method["loss"], temperature=kd["temperature"],
-                         noise_sigma=kd.get("noise_sigma", 0.0), seed=seed)
-    base_teacher = kd.get("base_teacher", False)
+    method = method_spec(run.method)
+    settings = resolved_settings(study, domain, "kd", objective=method.objective, loss=method.loss,
+                                 temperature=run.temperature, noise_sigma=run.noise_sigma, seed=seed)
     params = {"student": student.model, "teacher": teacher.model, "train": domain.train, "seed": seed,
-              "settings": settings, "base_teacher": base_teacher, "device": study.device, "label": kd["label"],
+              "student_name": student.name, "teacher_name": teacher.name, "domain": domain.name,
+              "settings": settings, "base_teacher": run.base_teacher, "device": study.device, "label": run.label,
+              "kd_method": run.method, "temperature": run.temperature, "ablation": run.ablation,
               "trust_remote_code": student.trust_remote_code or teacher.trust_remote_code}
-    deps: dict[str, Job] = {} if base_teacher else {"teacher": teacher_sft}
+    deps: dict[str, Job] = {} if run.base_teacher else {"teacher": teacher_sft}
     if teacher_base:
         deps["teacher_base"] = teacher_base
     if student_base:
         deps["base"] = student_base
-    # the cache holds the noise-free top-k only: noise runs (N(0, sigma^2) on every logit) use the teacher online
-    if cache is not None and method["objective"] != "seqkd" and not kd.get("noise_sigma"):
+    if cache is not None and _uses_cache(run):
         deps["cache"] = cache
-    return Job("kd", f"{kd['label']} {teacher.name}->{student.name} {domain.name} seed {seed}", params, deps)
+    return Job("kd", f"{run.label} {teacher.name}->{student.name} {domain.name} seed {seed}", params, deps)
 
 
 def _eval_job(study: Study, domain: DomainSpec, entry: ModelEntry, teacher: str, method: str, trained: Job | None,
-              base: Job | None, seed: int | None, teacher_entry: ModelEntry | None = None) -> Job:
+              base: Job | None, seed: int | None, run: KDRun | None = None) -> Job:
+    """An evaluation; its params say what the row is (``method`` the study's row label, ``kd_method``,
+    ``temperature``, ``ablation`` the typed columns)."""
     params = {"model": entry.model, "student": entry.name, "teacher": teacher, "method": method, "domain": domain.name,
               "seed": seed, "tasks": [t.model_dump() for t in domain.tasks], "evaluation": study.evaluation.model_dump(),
-              "device": study.device, "trust_remote_code": entry.trust_remote_code}
+              "device": study.device, "trust_remote_code": entry.trust_remote_code,
+              "kd_method": run.method if run else "", "temperature": run.temperature if run else None,
+              "ablation": run.ablation if run else ""}
     deps = {k: v for k, v in (("trained", trained), ("base", base)) if v is not None}
     return Job("eval", f"eval {method} {teacher}->{entry.name} {domain.name} seed {seed}", params, deps)
 
@@ -194,11 +237,11 @@ def _eval_job(study: Study, domain: DomainSpec, entry: ModelEntry, teacher: str,
 def _fidelity_jobs(study: Study, evals: list[Job]) -> list[Job]:
     """Agreement and rationale fidelity of every student row against its teacher's SFT evaluation."""
     teacher_evals = {(e.params["student"], e.params["domain"], e.params["seed"]): e
-                     for e in evals if e.params["method"] == "SFT"}
+                     for e in evals if e.params["method"] == SFT_LABEL}
     jobs = []
     for e in evals:
         p = e.params
-        if p["method"] in ("BaseModel", "SFT") or p["teacher"] == "-":
+        if not p["kd_method"]:
             continue
         teacher_eval = teacher_evals.get((p["teacher"], p["domain"], p["seed"]))
         student_sft = teacher_evals.get((p["student"], p["domain"], p["seed"]))
@@ -206,9 +249,11 @@ def _fidelity_jobs(study: Study, evals: list[Job]) -> list[Job]:
             continue
         jobs.append(Job("fidelity", f"fidelity {p['method']} {p['teacher']}->{p['student']} {p['domain']}",
                         {"teacher": p["teacher"], "student": p["student"], "method": p["method"], "domain": p["domain"],
-                         "seed": p["seed"]},
+                         "seed": p["seed"], "kd_method": p["kd_method"], "temperature": p["temperature"],
+                         "ablation": p["ablation"]},
                         {"teacher_eval": teacher_eval, "student_eval": e, "student_sft_eval": student_sft}))
     return jobs
+
 
 def jobs_to_redo(jobs: Sequence[Job], kinds: Sequence[str]) -> list[Job]:
     """The jobs of the given kinds and every job that depends on one of them, in graph order."""

@@ -5,6 +5,7 @@ exports, and the analysis job (statistics and report) that assembles them.
 from __future__ import annotations
 
 import json
+import math
 import warnings
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ from typing import Any
 import pandas as pd
 
 from ..errors import InputError
+from ..labels import SFT_LABEL
 from ..report import render_report
 from ..stats import analyse, json_ready
 from .graph import Job, expand
@@ -19,6 +21,10 @@ from .spec import Study
 from .store import StudyStore
 
 TABLE_NAMES = {"math": "math_results.csv", "commonsense": "cs_results.csv"}
+# The result rows' typed columns (the agreed names; kdscope.stats reads them) and the row kinds that get them.
+KD_METHOD_COLUMN, TEMPERATURE_COLUMN, ABLATION_COLUMN = "KDMethod", "Temperature", "Ablation"
+DESCRIBED_KINDS = ("result", "agreement", "fidelity")
+
 
 def _frame(rows: list[dict[str, Any]], keep_origin: bool = False) -> pd.DataFrame | None:
     """Rows as a table; ``keep_origin`` keeps the store's domain and seed as ``Domain``/``Seed`` columns."""
@@ -29,23 +35,39 @@ def _frame(rows: list[dict[str, Any]], keep_origin: bool = False) -> pd.DataFram
                          for r in rows])
 
 
+def _rows(store: StudyStore, kind: str, job: Job) -> list[dict[str, Any]]:
+    """The ``kind`` rows of the jobs an analysis depends on, in graph order (so any executor and worker count gives
+    the same table), each with the typed columns of the student it describes, from the job that made it: KDMethod,
+    Temperature (NaN for SFT and BaseModel rows) and Ablation."""
+    deps = {d.key: (i, d) for i, d in enumerate(job.deps.values())}
+    found = [r for r in store.rows(kind, list(deps)) if r["_job"] in deps]
+    found.sort(key=lambda r: deps[r["_job"]][0])  # stable: a job's own rows keep their order
+    if kind in DESCRIBED_KINDS:
+        for row in found:
+            params = deps[row["_job"]][1].params
+            kd = bool(params.get("kd_method")) and row.get("Method") != SFT_LABEL
+            row[KD_METHOD_COLUMN] = params["kd_method"] if kd else ""
+            row[TEMPERATURE_COLUMN] = float(params["temperature"]) if kd else math.nan
+            row[ABLATION_COLUMN] = params["ablation"] if kd else ""
+    return found
+
+
 def study_tables(job: Job, store: StudyStore) -> dict[str, pd.DataFrame | None]:
     """Result, agreement, fidelity and joint-correctness tables of the jobs an analysis depends on."""
-    keys = [d.key for d in job.deps.values()]
-    results = _frame(store.rows("result", keys))
+    results = _frame(_rows(store, "result", job))
     return {
         "results": results,
         # every student's own row (per seed): stats attaches to each configuration the student it describes
-        "agreement": _side_table(store, "agreement", keys),
-        "fidelity": _side_table(store, "fidelity", keys),
-        "joint": pooled_joint(_side_table(store, "joint", keys)),
+        "agreement": _side_table(store, "agreement", job),
+        "fidelity": _side_table(store, "fidelity", job),
+        "joint": pooled_joint(_side_table(store, "joint", job)),
     }
 
 
-def _side_table(store: StudyStore, kind: str, keys: list[str]) -> pd.DataFrame | None:
+def _side_table(store: StudyStore, kind: str, job: Job) -> pd.DataFrame | None:
     """Agreement, fidelity or joint-correctness rows with ``Domain`` and ``Seed``. Every fidelity job of a pair
     compares the same SFT evaluation with the same teacher evaluation, so its SFT rows repeat: they are kept once."""
-    frame = _frame(store.rows(kind, keys), keep_origin=True)
+    frame = _frame(_rows(store, kind, job), keep_origin=True)
     return None if frame is None else frame.drop_duplicates(ignore_index=True)
 
 
@@ -54,25 +76,6 @@ def pooled_joint(table: pd.DataFrame | None) -> pd.DataFrame | None:
     if table is None:
         return None
     return table.drop(columns=["Domain", "Seed"]).groupby(["Teacher", "Student", "Method", "task"], sort=False, as_index=False).sum(numeric_only=True)
-
-
-PAIR_KEYS = ["Domain", "Teacher", "Student", "Pair", "Method"]
-
-
-def study_pairs(table: pd.DataFrame | None) -> pd.DataFrame | None:
-    """The study's EM1/BLEU layout: one SFT and one KD row per pair and domain, seeds averaged; the KD row is the
-    KD student with the best mean value (the full table keeps every method). ``table`` needs ``Domain`` and ``Seed``
-    columns; the result has neither."""
-    if table is None:
-        return None
-    means = table.drop(columns="Seed").groupby(PAIR_KEYS, sort=False, as_index=False).mean(numeric_only=True)
-    means = means.dropna(axis=1, how="all")
-    sft = means[means["Method"] == "SFT"]
-    kd = means[means["Method"] != "SFT"]
-    values = kd.drop(columns=PAIR_KEYS).mean(axis=1)
-    best = kd.assign(_v=values).sort_values("_v", ascending=False, kind="stable")
-    best = best.drop_duplicates(["Domain", "Teacher", "Student"]).drop(columns="_v").assign(Method="KD")
-    return pd.concat([sft, best], ignore_index=True).drop(columns="Domain")
 
 
 def run_analysis(job: Job, out: Path, root: Path, store: StudyStore, progress: bool) -> dict[str, Any]:
@@ -92,6 +95,7 @@ def run_analysis(job: Job, out: Path, root: Path, store: StudyStore, progress: b
                                fidelity=tables["fidelity"], joint=tables["joint"],
                                title=f"kdscope study: {job.params['study']}")
     (root / "stats.json").write_text(json.dumps(records, indent=1))
+    record_exports(root, job, [*exported, root / "stats.json", report, report.with_suffix(".md")])
     return {"report": str(report), "tables": [str(p) for p in exported], "n_records": len(records)}
 
 
@@ -111,18 +115,48 @@ def report_from_store(root: Path, out: Path, seed: int = 0) -> Path:
 
 def export_tables(store: StudyStore, job: Job, root: Path) -> list[Path]:
     """The study's CSV tables, one per domain, plus agreement / fidelity / joint-correctness tables."""
-    keys = [d.key for d in job.deps.values()]
     written = []
     for domain, name in TABLE_NAMES.items():
-        rows = [r for r in store.rows("result", keys) if r["_domain"] == domain]
-        frame = _frame(rows)
+        frame = _frame([r for r in _rows(store, "result", job) if r["_domain"] == domain])
         if frame is not None:
             frame = frame.dropna(axis=1, how="all")
             written.append(root / name)
             frame.to_csv(written[-1], index=False)
     for kind in ("agreement", "fidelity", "joint"):
-        frame = _side_table(store, kind, keys)
+        frame = _side_table(store, kind, job)
         if frame is not None:
             written.append(root / f"{kind}.csv")
             frame.to_csv(written[-1], index=False)
     return written
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Which design the exports show
+# --------------------------------------------------------------------------------------------------------------------
+MANIFEST = "exports.json"  # the analysis job that wrote the study folder's tables and report, and what it wrote
+# Every file an analysis may write: a file of this list that the current design does not produce is stale.
+EXPORT_NAMES = (*TABLE_NAMES.values(), "agreement.csv", "fidelity.csv", "joint.csv", "stats.json", "report.html",
+                "report.md")
+
+
+def exports_built_by(root: Path) -> str | None:
+    """The key of the analysis job whose tables and report the study folder shows (None: none written yet)."""
+    path = root / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text()).get("analysis")
+    except (ValueError, AttributeError):
+        return None  # a damaged manifest: the exports are rebuilt
+
+
+def record_exports(root: Path, job: Job, written: list[Path]) -> None:
+    """Remove exports the current design does not produce (another domain's table, say) and record which analysis
+    wrote the rest, so a later run of a different design rebuilds them."""
+    keep = {p.name for p in written}
+    for name in EXPORT_NAMES:
+        if name not in keep:
+            (root / name).unlink(missing_ok=True)
+    tmp = root / f"{MANIFEST}.tmp"
+    tmp.write_text(json.dumps({"analysis": job.key, "files": sorted(keep)}, indent=1))
+    tmp.replace(root / MANIFEST)
