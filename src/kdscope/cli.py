@@ -397,8 +397,20 @@ def run_cmd(
     redo: list[str] = typer.Option([], "--redo", help="Compute the jobs of this kind again from scratch, and "
                                    "everything downstream (repeatable): pretrain, sft, cache, kd, eval, fidelity, "
                                    "analysis. E.g. --redo analysis after upgrading kdscope."),
+    show_plan: bool = typer.Option(False, "--plan", help="Resolve the study and list every job with its resolved "
+                                   "settings and the counts per kind; runs nothing and loads no model."),
+    as_json: bool = typer.Option(False, "--json", help="With --plan: print the plan as JSON."),
 ) -> None:
     """Run a study: expand it into jobs and run what is missing or changed (a killed run resumes)."""
+    if show_plan:
+        from .study import load_study
+        from .study.run import plan, plan_text
+
+        resolved = plan(load_study(study))
+        typer.echo(json.dumps(resolved, indent=1) if as_json else plan_text(resolved))
+        return
+    if as_json:
+        raise InputError("--json: only with --plan (a run reports on the console and in its output folder)")
     _run_study(study, out, progress, redo)
 
 
@@ -422,15 +434,17 @@ def status_cmd(
     out: Optional[Path] = typer.Option(None, "--out", help="Study folder when a YAML is given."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
-    """Show done / running / failed / pending jobs of a study with their times."""
+    """Show the jobs of a study with their state and times: pending, running, interrupted (its run was killed;
+    the next `kdscope run` resumes it), done, failed, blocked (a job it depends on failed)."""
     from .study import StudyStore, expand, load_study, study_dir
 
     if study.is_dir():
-        store, jobs = StudyStore(study / "study.sqlite"), None
+        store, jobs = StudyStore(study / "study.sqlite", create=False), None
     else:
         spec = load_study(study)
-        store, jobs = StudyStore(study_dir(spec, out) / "study.sqlite"), expand(spec)
-    known = {j["key"]: j for j in store.jobs()}
+        path = study_dir(spec, out) / "study.sqlite"
+        store, jobs = (StudyStore(path, create=False) if path.is_file() else None), expand(spec)
+    known = {j["key"]: j for j in store.jobs()} if store is not None else {}
     rows = []
     for job in jobs or []:
         j = known.get(job.key, {"status": "pending", "started": None, "finished": None, "error": None})
