@@ -125,6 +125,14 @@ def test_defaults_follow_the_objective() -> None:
             TrainSettings(objective="seqkd", **option)
 
 
+def test_misspelled_or_unknown_settings_are_refused() -> None:
+    """A typo in training.kd (or any option) must not run the default silently; nor may an unknown loss."""
+    with pytest.raises(ValueError, match="max_stpes"):
+        TrainSettings(objective="kd", max_stpes=3)
+    with pytest.raises(ValueError, match="nosuchloss"):
+        TrainSettings(objective="sft", loss="nosuchloss")
+
+
 @pytest.mark.parametrize("extra,named", [(["--objective", "seqkd", "--noise-sigma", "1"], "--noise-sigma"),
                                          (["--objective", "seqkd", "--base-teacher"], "--base-teacher"),
                                          (["--objective", "gkd", "--temperature", "2"], "--temperature")])
