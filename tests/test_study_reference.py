@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from transformers import GenerationConfig
 
 from bos_tokenizer import bos_model
+from kdscope.models import build_tiny_model
 from kdscope.prompts import build_prompt, encode_example
 from kdscope.synthetic import generate_domain
 from kdscope.teacher import OnlineTeacher
@@ -92,11 +93,16 @@ def study_on_policy_tokens(student, tok, prompts: list[list[int]], cutoff: int) 
 # --------------------------------------------------------------------------------------------------------------------
 # kdscope on the same micro-batch
 # --------------------------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def models():
+@pytest.fixture(scope="module", params=["bos", "plain"])
+def models(request: pytest.FixtureRequest):
+    """A pair whose tokenizer prepends BOS (Llama-3-like) and one whose tokenizer adds nothing (Qwen2.5-like)."""
     torch.set_num_threads(1)
-    student, tok = bos_model("tiny-qwen-xs", seed=11)
-    teacher, _ = bos_model("tiny-qwen-s", seed=12)
+    build = bos_model if request.param == "bos" else build_tiny_model
+    student, tok = build("tiny-qwen-xs", seed=11)
+    teacher, _ = build("tiny-qwen-s", seed=12)
+    with torch.no_grad():  # peaked, position-dependent distributions: a fresh init's are near-uniform everywhere,
+        for model in (student, teacher):  # which would hide how positions are weighted
+            model.get_output_embeddings().weight.mul_(40.0)
     return student.eval(), teacher.eval(), tok
 
 
@@ -113,7 +119,8 @@ def test_tokenisation_is_the_studys(models) -> None:
     for ex in EXAMPLES:
         text = build_prompt(ex, "study", train=True) + ex.output
         assert encode_example(tok, ex, "study", CUTOFF).input_ids == study_tokenize(tok, text, CUTOFF)
-    assert encode_example(tok, EXAMPLES[0], "study", CUTOFF).input_ids[0] == tok.bos_token_id
+    if tok.bos_token_id is not None:
+        assert encode_example(tok, EXAMPLES[0], "study", CUTOFF).input_ids[0] == tok.bos_token_id
 
 
 @pytest.mark.parametrize("loss", ["forward_kl", "reverse_kl"])
