@@ -118,7 +118,7 @@ def test_cli_errors_are_one_line_exit_2(tmp_path: Path) -> None:
     bad.write_text(json.dumps([{"answer": "4", "output": "4"}, {"output": "x"}]))
     res = runner.invoke(app, ["score", "--task", "gsm8k", "--predictions", str(bad), "--json"])
     assert res.exit_code == 2
-    assert "row 1" in res.output and "'answer'" in res.output and len(res.output.strip().splitlines()) == 1
+    assert "row 2 (1-based)" in res.output and "'answer'" in res.output and len(res.output.strip().splitlines()) == 1
     res = runner.invoke(app, ["score", "--task", "nope", "--predictions", str(bad)])
     assert res.exit_code == 2 and "unknown task" in res.output
 
@@ -126,18 +126,18 @@ def test_cli_errors_are_one_line_exit_2(tmp_path: Path) -> None:
 def test_loader_errors_name_file_row_field(tmp_path: Path) -> None:
     f = tmp_path / "t.json"
     f.write_text(json.dumps([{"instruction": "q", "answer": "1"}, {"instruction": 3, "answer": "2"}]))
-    with pytest.raises(InputError, match=r"t.json row 1 field 'instruction'"):
+    with pytest.raises(InputError, match=r"t.json row 2 \(1-based\) field 'instruction'"):
         load_examples(f)
     f.write_text("[{]")
     with pytest.raises(InputError, match="invalid JSON"):
         load_examples(f)
     jl = tmp_path / "t.jsonl"
     jl.write_text('{"instruction": "q", "answer": "1"}\nnot json\n')
-    with pytest.raises(InputError, match="row 1"):
+    with pytest.raises(InputError, match="line 2"):
         load_examples(jl)
     bad_gold = tmp_path / "boolq.json"
     bad_gold.write_text(json.dumps([{"instruction": "q", "answer": "maybe"}]))
-    with pytest.raises(InputError, match="row 0 field 'answer'"):
+    with pytest.raises(InputError, match=r"row 1 \(1-based\) field 'answer'"):
         load_task("boolq", bad_gold)
 
 
@@ -188,5 +188,5 @@ def test_hf_conversion_matches_study_format(shared_data: Path) -> None:
 
 
 def test_hf_row_errors_name_the_row() -> None:
-    with pytest.raises(InputError, match="row 1"):
+    with pytest.raises(InputError, match=r"row 2 \(1-based\)"):
         convert_hf_rows("hellaswag", [{"activity_label": "a", "ctx": "b", "endings": ["x"] * 4, "label": "0"}, {}])

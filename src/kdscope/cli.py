@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Annotated, Callable, Optional, Sequence, TypeV
 import typer
 
 from . import __version__
-from .errors import InputError
+from .errors import InputError, one_line
 
 if TYPE_CHECKING:
     from .train import TrainSettings
@@ -38,8 +38,19 @@ def user_errors(fn: F) -> F:
         except InputError as e:
             typer.echo(f"error: {e}", err=True)
             raise typer.Exit(2) from None
+        except (FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError) as e:
+            # a path given on the command line that is of the wrong kind (a file where a folder goes, ...)
+            typer.echo(f"error: {e.filename}: {e.strerror}; check the paths given on the command line", err=True)
+            raise typer.Exit(2) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def output_folder(path: Path, option: str = "--out") -> Path:
+    """Refuse an output folder that names an existing file before any work starts (and never overwrite the file)."""
+    if path.exists() and not path.is_dir():
+        raise InputError(f"{option} {path}: is a file; give a folder (new or from an earlier run)")
+    return path
 
 
 def _version(value: bool) -> None:
@@ -131,8 +142,17 @@ def _settings(objective: str, **fields: object) -> "TrainSettings":
         settings = TrainSettings(objective=objective, **values)
         return settings if lora else settings.model_copy(update={"lora": None})
     except ValidationError as e:
-        err = e.errors()[0]
-        raise InputError(f"--{'-'.join(str(p) for p in err['loc']).replace('_', '-')}: {err['msg']}") from None
+        raise one_line(e, name=_option_name) from None
+
+
+# TrainSettings fields whose command-line option is not simply the field name with dashes
+_OPTION_OF_FIELD = {"kd_weight": "--weight", "lmbda": "--lambda", "objective": "--objective"}
+
+
+def _option_name(loc: Sequence[object]) -> str:
+    """The option a user typed for a TrainSettings field (pydantic reports the field: kd_weight is --weight)."""
+    field = str(loc[0])
+    return _OPTION_OF_FIELD.get(field, "--" + field.replace("_", "-"))
 
 
 def _train(student_ref: str, data: str, out: Path, settings: "TrainSettings", resume: bool,
@@ -146,6 +166,7 @@ def _train(student_ref: str, data: str, out: Path, settings: "TrainSettings", re
     from .teacher import logit_width
     from .train import prepare_student, train
 
+    output_folder(out)
     ctx = init_distributed(device)
     examples = load_training_data(data, seed=settings.seed)
     # built-in models always start from the same init (seed 0), so a saved adapter matches `builtin:<name>` later
@@ -298,6 +319,7 @@ def cache_teacher_cmd(
         temps = [float(t) for t in temperatures.split(",") if t.strip()]
     except ValueError:
         raise InputError(f"--temperatures {temperatures!r}: give comma-separated numbers, e.g. 1,2,5") from None
+    output_folder(out)
     examples = load_training_data(data, seed=seed)
     model, tokenizer = load_model(teacher, adapter=teacher_adapter, device=device, seed=seed)
     sequences = encode_sequences(tokenizer, examples, prompt_style, max_length)
@@ -375,7 +397,7 @@ def _run_study(study_path: Path, out: Optional[Path], progress: bool, redo: Sequ
     from .study import load_study, run_study, study_dir
 
     study = load_study(study_path)
-    root = study_dir(study, out)
+    root = output_folder(study_dir(study, out))
     summary = run_study(study, root, progress=progress, log=lambda m: typer.echo(m, err=True), redo=redo)
     typer.echo(f"{len(summary.ran)} jobs run, {len(summary.skipped)} already done, {len(summary.failed)} failed, "
                f"{len(summary.blocked)} blocked; outputs in {root}")
@@ -504,6 +526,7 @@ def eval_cmd(
         raise InputError(f"--backend {backend!r}: use auto, hf or vllm")
     if mode == "loglik" and backend == "vllm":
         raise InputError("--mode loglik runs on the HF backend; drop --backend vllm")
+    output_folder(out)
     names = [t.strip() for t in tasks.split(",") if t.strip()]
     try:
         loaded = {name: load_task(name, data, limit=limit) for name in names}
@@ -548,6 +571,8 @@ def fidelity_cmd(
 
     if (teacher_model is None) != (student_model is None):
         raise InputError("token-level fidelity needs both --teacher-model and --student-model")
+    if out is not None:
+        output_folder(out)
     results = compare_runs(teacher, student, embed_model)
     if teacher_model is not None and student_model is not None:
         from .models import load_model

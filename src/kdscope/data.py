@@ -39,28 +39,56 @@ def _example_from_row(row: Any, path: Path | str, i: int) -> Example:
     )
 
 
-def read_records(path: Path | str) -> list[dict[str, Any]]:
-    """Read a JSON list or a JSONL file into raw dict records, with one-line errors naming file and row."""
+def _read_text(path: Path) -> str:
+    """The file as text; a file that is not UTF-8 (e.g. saved as Latin-1) is refused with where the bad byte is."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")  # -sig: a byte-order mark some editors write is not part of the data
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise InputError(f"{path}: not UTF-8 text (line {line}, byte {e.start} is {raw[e.start:e.start + 1]!r}); "
+                         "save the file as UTF-8") from None
+
+
+def read_records(path: Path | str) -> list[Any]:
+    """Read a JSON list or a JSONL file into raw records, with one-line errors naming file and row (or line).
+
+    A file without a single record is refused: every caller (training, evaluation, scoring) needs at least one, and
+    an empty result would otherwise pass as "0 of 0 correct".
+    """
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: no such file; give a .json list or a .jsonl file")
-    text = path.read_text(encoding="utf-8")
+    text = _read_text(path)
+    no_rows = f"{path}: the file has no rows; give a JSON list of objects or one JSON object per line"
+    if not text.strip():
+        raise InputError(no_rows)
     if path.suffix == ".jsonl" or (text.lstrip()[:1] == "{" and "\n{" in text.strip()):
         rows = []
-        for i, line in enumerate(text.splitlines()):
+        for number, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError as e:
-                raise InputError(f"{where(path, i)}: invalid JSON ({e.msg} at column {e.colno}); one object per line") from None
+                raise InputError(f"{path} line {number}: invalid JSON ({e.msg} at column {e.colno}); "
+                                 "one object per line") from None
+            except RecursionError:
+                raise InputError(f"{path} line {number}: JSON nested too deeply; one flat object per line") from None
+        if not rows:
+            raise InputError(no_rows)
         return rows
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
-        raise InputError(f"{path}: invalid JSON ({e.msg} at line {e.lineno}); expected a list of objects") from None
+        raise InputError(f"{path}: invalid JSON ({e.msg} at line {e.lineno}, column {e.colno}); "
+                         "expected a list of objects") from None
+    except RecursionError:
+        raise InputError(f"{path}: JSON nested too deeply; expected a list of objects") from None
     if not isinstance(data, list):
         raise InputError(f"{path}: expected a JSON list of objects, got {type(data).__name__}")
+    if not data:
+        raise InputError(no_rows)
     return data
 
 
@@ -225,13 +253,14 @@ def load_training_data(source: str | Path, seed: int = 0) -> list[Example]:
         domain, _, n = src.removeprefix(SYNTHETIC_PREFIX).partition(":")
         if domain not in DOMAIN_TASKS:
             raise InputError(f"{src}: unknown synthetic domain {domain!r}; use {' or '.join(DOMAIN_TASKS)}")
-        if n and not n.isdigit():
-            raise InputError(f"{src}: the item count must be an integer, e.g. synthetic:math:500")
+        if n and not (n.isascii() and n.isdigit() and int(n) > 0):
+            raise InputError(f"{src}: the item count must be a positive integer, e.g. synthetic:math:500")
         return generate_domain(domain, int(n or 500), seed)
     examples = load_examples(src)
     empty = [i for i, ex in enumerate(examples) if not ex.output]
     if len(empty) == len(examples):
         raise InputError(f"{src}: every 'output' is empty; training needs the target response in 'output'")
     if empty:  # the study's Math10K copy has a few; its code trained on them as they are, and so do we
-        warnings.warn(f"{src}: {len(empty)} rows with an empty 'output' (first: row {empty[0]})", stacklevel=2)
+        warnings.warn(f"{src}: {len(empty)} rows with an empty 'output' (first: {where('', empty[0]).strip()})",
+                      stacklevel=2)
     return examples

@@ -9,6 +9,7 @@ References accepted by `load_model`:
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -241,17 +242,47 @@ def load_model(
         path = Path(ref).expanduser()
         if not path.exists() and not _looks_like_hub_id(ref):
             raise InputError(f"model {ref!r}: no such file or folder; give a local path, a .gguf file, a hub id or builtin:<name>")
-        tok = load_tokenizer(ref, trust_remote_code)
         kwargs: dict[str, Any] = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code}
         if path.suffix == ".gguf":
-            model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, **kwargs)
+            model, tok = _load_gguf(path, kwargs)
         else:
+            tok = load_tokenizer(ref, trust_remote_code)
             model = AutoModelForCausalLM.from_pretrained(str(path) if path.exists() else ref, **kwargs)
         if model.generation_config.pad_token_id is None:
             model.generation_config.pad_token_id = tok.pad_token_id
     if adapter is not None:
         model = load_adapter(model, adapter)
     return model.to(dev), tok
+
+
+GGUF_MAGIC = b"GGUF"
+# What the gguf reader and transformers' converter raise on a cut-short or garbled file: a short read (struct.error,
+# an empty mmap), a tensor whose bytes run past the end (a reshape ValueError), metadata of the wrong type or missing.
+_BROKEN_GGUF = (ValueError, struct.error, IndexError, KeyError, TypeError, EOFError)
+
+
+def _load_gguf(path: Path, kwargs: dict[str, Any]) -> tuple[Any, Any]:
+    """A GGUF file's model (dequantized by transformers) and tokenizer; a broken file is one InputError.
+
+    transformers marks a GGUF-loaded model as quantized, which forbids saving fully trained weights: the weights are
+    plain tensors after dequantization, so the marks are dropped here and the model saves like any other."""
+    from transformers import AutoModelForCausalLM
+
+    with path.open("rb") as f:
+        magic = f.read(len(GGUF_MAGIC))
+    if magic != GGUF_MAGIC:
+        raise InputError(f"{path}: not a valid GGUF file (it does not start with {GGUF_MAGIC!r}); give a .gguf file "
+                         "written by llama.cpp or gguf-py")
+    try:
+        tok = load_tokenizer(str(path), kwargs.get("trust_remote_code", False))
+        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, **kwargs)
+    except _BROKEN_GGUF as e:
+        raise InputError(f"{path}: not a valid GGUF file ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'truncated or garbled'}); "
+                         "the file may be cut short or corrupted: convert or download it again") from None
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    return model, tok
 
 
 def load_trained(base_ref: str, trained_dir: str | Path, **load_kwargs: Any) -> tuple[Any, Any]:

@@ -1,0 +1,239 @@
+"""Bad input at the edges (issue 13): every case is refused with one line on stderr naming the culprit, exit code 2,
+never a traceback; and a GGUF-loaded model can be fully fine-tuned.
+
+A tiny GGUF file is written here from the built-in tiny-llama-s (F32 tensors, its byte-level BPE as a gpt2
+tokenizer), so the GGUF paths run in seconds without the 98 MB SmolLM2 file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner, Result
+
+from kdscope.cli import app
+from kdscope.errors import InputError
+
+NON_UTF8 = b'[{"instruction": "caf\xe9", "answer": "1", "output": "1"}]'  # Latin-1 e-acute: not UTF-8
+
+
+def refused(result: Result, *names: str) -> str:
+    """Assert a one-line error on stderr with exit code 2, naming each of ``names``; return the line."""
+    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
+    assert isinstance(result.exception, SystemExit), result.exception
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for name in names:
+        assert name in lines[0], (name, lines[0])
+    assert "Traceback" not in result.output
+    return lines[0]
+
+
+def invoke(args: list[str]) -> Result:
+    return CliRunner().invoke(app, args)
+
+
+def write_tiny_gguf(path: Path) -> Path:
+    """The built-in tiny-llama-s as a GGUF file (what a llama.cpp conversion of it would hold)."""
+    import gguf
+
+    from kdscope.models import build_tiny_model
+
+    model, tok = build_tiny_model("tiny-llama-s")
+    cfg = model.config
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_name("tiny-llama-s")
+    writer.add_context_length(cfg.max_position_embeddings)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_block_count(cfg.num_hidden_layers)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_head_count(cfg.num_attention_heads)
+    writer.add_head_count_kv(cfg.num_key_value_heads)
+    writer.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
+    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    writer.add_vocab_size(cfg.vocab_size)
+    spec = json.loads(tok.backend_tokenizer.to_str())
+    tokens = [t for t, _ in sorted(spec["model"]["vocab"].items(), key=lambda kv: kv[1])]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(tokens)
+    special = {tok.eos_token_id, tok.pad_token_id}
+    writer.add_token_types([gguf.TokenType.CONTROL if i in special else gguf.TokenType.NORMAL for i in range(len(tokens))])
+    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]])
+    writer.add_bos_token_id(tok.eos_token_id)
+    writer.add_eos_token_id(tok.eos_token_id)
+    writer.add_pad_token_id(tok.pad_token_id)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, cfg.num_hidden_layers)
+    for name, tensor in model.state_dict().items():
+        if name != "lm_head.weight":  # tied to the embedding
+            writer.add_tensor(names.get_name(name, try_suffixes=(".weight", ".bias")), tensor.float().numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_gguf(tmp_path_factory.mktemp("gguf") / "tiny-llama.gguf")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Tracebacks that must be one line, exit 2
+# --------------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("command", ["train sft", "eval", "score"])
+def test_non_utf8_data_file_is_one_line(tmp_path: Path, command: str) -> None:
+    data = tmp_path / "latin1.json"
+    data.write_bytes(NON_UTF8)
+    args = {
+        "train sft": ["train", "sft", "--model", "builtin:tiny-qwen-xs", "--data", str(data), "--out", str(tmp_path / "o")],
+        "eval": ["eval", "--model", "builtin:tiny-qwen-xs", "--tasks", "boolq", "--data", str(data), "--out", str(tmp_path / "o")],
+        "score": ["score", "--task", "boolq", "--predictions", str(data)],
+    }[command]
+    line = refused(invoke(args), str(data), "UTF-8")
+    assert "line 1, byte 21" in line  # where the bad byte sits, so the user can find it
+
+
+@pytest.mark.parametrize("damage", ["truncated header", "truncated tensors", "random bytes", "empty", "text"])
+def test_broken_gguf_is_one_line(tmp_path: Path, tiny_gguf: Path, damage: str) -> None:
+    from kdscope.models import load_model
+
+    good = tiny_gguf.read_bytes()
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes({
+        "truncated header": good[:200],
+        "truncated tensors": good[: len(good) - 5000],
+        "random bytes": os.urandom(4096),
+        "empty": b"",
+        "text": b"GGUF? no, a README\n" * 10,
+    }[damage])
+    with pytest.raises(InputError, match="not a valid GGUF") as info:
+        load_model(str(bad), device="cpu")
+    assert str(bad) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_broken_gguf_on_the_command_line(tmp_path: Path, tiny_gguf: Path) -> None:
+    bad = tmp_path / "cut.gguf"
+    bad.write_bytes(tiny_gguf.read_bytes()[:100_000])
+    refused(invoke(["train", "sft", "--model", str(bad), "--data", "synthetic:math:4", "--out", str(tmp_path / "o")]),
+            str(bad), "not a valid GGUF")
+
+
+@pytest.mark.parametrize("command", ["run", "train sft", "train kd", "eval"])
+def test_out_naming_an_existing_file(tmp_path: Path, command: str) -> None:
+    from kdscope.study import builtin_study
+
+    taken = tmp_path / "results.txt"
+    taken.write_text("keep me\n")
+    data = tmp_path / "boolq.json"
+    data.write_text(json.dumps([{"instruction": "q", "answer": "true", "output": "true"}]))
+    args = {
+        "run": ["run", str(builtin_study("demo")), "--out", str(taken), "--quiet"],
+        "train sft": ["train", "sft", "--model", "builtin:tiny-qwen-xs", "--data", "synthetic:math:4", "--out", str(taken)],
+        "train kd": ["train", "kd", "--student", "builtin:tiny-qwen-xs", "--teacher", "builtin:tiny-qwen-s",
+                     "--data", "synthetic:math:4", "--out", str(taken)],
+        "eval": ["eval", "--model", "builtin:tiny-qwen-xs", "--tasks", "boolq", "--data", str(data), "--out", str(taken)],
+    }[command]
+    refused(invoke(args), "--out", str(taken), "is a file")
+    assert taken.read_text() == "keep me\n"
+
+
+def test_full_finetuning_of_a_gguf_model(tmp_path: Path, tiny_gguf: Path) -> None:
+    """transformers marks a GGUF-loaded model as quantized, so saving the fully trained weights failed (and left
+    ``final.tmp`` behind). The weights are dequantized at load: the model saves and reloads as a plain folder."""
+    import torch
+
+    from kdscope.models import load_model
+
+    out = tmp_path / "full"
+    result = invoke(["train", "sft", "--model", str(tiny_gguf), "--data", "synthetic:math:8", "--out", str(out),
+                     "--full", "--max-steps", "2", "--val-size", "0", "--micro-batch-size", "2", "--grad-accum", "1",
+                     "--max-length", "48", "--device", "cpu"])
+    assert result.exit_code == 0, (result.output, result.exception)
+    assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
+    assert (out / "final" / "model.safetensors").is_file()
+    trained, _ = load_model(str(out / "final"), device="cpu", dtype="float32")
+    base, _ = load_model(str(tiny_gguf), device="cpu", dtype="float32")
+    emb = "model.embed_tokens.weight"
+    assert not torch.equal(trained.state_dict()[emb], base.state_dict()[emb])  # trained all weights, and kept them
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Accepted silently before
+# --------------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name, content", [("preds.json", "[]"), ("preds.json", " \n"), ("preds.jsonl", ""),
+                                           ("preds.jsonl", "\n\n")])
+def test_score_on_no_records(tmp_path: Path, name: str, content: str) -> None:
+    preds = tmp_path / name
+    preds.write_text(content)
+    refused(invoke(["score", "--task", "boolq", "--predictions", str(preds)]), str(preds), "no rows")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Messages
+# --------------------------------------------------------------------------------------------------------------------
+def test_yaml_syntax_error_names_line_and_column(tmp_path: Path) -> None:
+    study = tmp_path / "study.yaml"
+    study.write_text("name: x\nfamilies: [\n  {name: a\ndomains: []\n")
+    line = refused(invoke(["status", str(study)]), str(study), "line 4", "column")
+
+
+def test_study_nested_setting_error_names_the_key(tmp_path: Path) -> None:
+    from kdscope.study import load_study
+
+    study = tmp_path / "study.yaml"
+    study.write_text("name: x\nfamilies: []\ndomains: []\ntraining:\n  kd: {max_stpes: 5}\n")
+    with pytest.raises(InputError) as info:
+        load_study(study)
+    message = str(info.value)
+    assert "training.kd.max_stpes" in message and "check the spelling" in message
+    assert "Value error" not in message and "(top level)" not in message
+
+
+@pytest.mark.parametrize("option, value, named", [("--weight", "2", "--weight"), ("--loss", "nosuchloss", "--loss"),
+                                                  ("--lambda", "7", "--lambda"), ("--temperature", "-1", "--temperature")])
+def test_kd_options_are_named_as_typed(tmp_path: Path, option: str, value: str, named: str) -> None:
+    line = refused(invoke(["train", "kd", "--student", "builtin:tiny-qwen-xs", "--teacher", "builtin:tiny-qwen-s",
+                           "--data", "synthetic:math:4", "--out", str(tmp_path / "o"), option, value]), named)
+    assert "--kd-weight" not in line and "--:" not in line and "--lmbda" not in line
+
+
+@pytest.mark.parametrize("content", ["[]", ""])
+def test_empty_training_file_says_no_rows(tmp_path: Path, content: str) -> None:
+    data = tmp_path / "train.json"
+    data.write_text(content)
+    line = refused(invoke(["train", "sft", "--model", "builtin:tiny-qwen-xs", "--data", str(data),
+                           "--out", str(tmp_path / "o")]), str(data), "no rows")
+    assert "output" not in line
+
+
+def test_score_missing_answer_says_records_lack_it(tmp_path: Path) -> None:
+    preds = tmp_path / "preds.json"
+    preds.write_text(json.dumps([{"output": "true"}]))
+    line = refused(invoke(["score", "--task", "boolq", "--predictions", str(preds)]), str(preds), "'answer'")
+    assert "--field" not in line
+    preds.write_text(json.dumps([{"answer": "true", "text": "true"}]))
+    refused(invoke(["score", "--task", "boolq", "--predictions", str(preds)]), "'output'", "--field")
+
+
+def test_rows_are_numbered_from_one_everywhere(tmp_path: Path) -> None:
+    from kdscope.data import load_examples, load_task
+
+    good = {"instruction": "q", "answer": "true", "output": "true"}
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps([good, {"instruction": "q"}]))
+    with pytest.raises(InputError, match=r"row 2 \(1-based\) field 'answer'"):
+        load_examples(data)
+    lines = tmp_path / "data.jsonl"
+    lines.write_text(json.dumps(good) + "\n{oops\n")
+    with pytest.raises(InputError, match=r"line 2"):
+        load_examples(lines)
+    data.write_text(json.dumps([good, {**good, "answer": "maybe"}]))
+    with pytest.raises(InputError, match=r"row 2 \(1-based\) field 'answer'"):
+        load_task("boolq", data)
+    preds = tmp_path / "preds.json"
+    preds.write_text(json.dumps([good, {"answer": "true"}]))
+    refused(invoke(["score", "--task", "boolq", "--predictions", str(preds)]), "row 2 (1-based)")
