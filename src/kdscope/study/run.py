@@ -87,6 +87,10 @@ def describe_job(job: Job) -> dict[str, Any]:
     if job.kind in ("sft", "kd"):
         described["settings"] = TrainSettings(**p["settings"]).model_dump(mode="json")
     if job.kind == "kd":
+        s = described["settings"]
+        described["sample_length"] = (
+            "none: teacher-forced on the training sequences" if s["objective"] == "kd"
+            else s["max_new_tokens"] or f"max_length ({s['max_length']}) - the longest prompt of the batch")
         described["teacher_signal"] = {
             "teacher": "base model (never fine-tuned)" if p["base_teacher"] else "SFT teacher",
             "source": f"cache {job.deps['cache'].folder}" if "cache" in job.deps else "online",
@@ -105,8 +109,7 @@ def describe_job(job: Job) -> dict[str, Any]:
 
 
 # Settings the text plan shows per training job (the JSON plan has them all).
-PLAN_COLUMNS = ("loss", "reduction", "token_mask", "kd_weight", "max_new_tokens", "sample_max_new_tokens", "best_by",
-                "teacher_topk")
+PLAN_COLUMNS = ("loss", "reduction", "token_mask", "kd_weight", "best_by", "teacher_topk")
 SFT_PLAN_COLUMNS = ("reduction", "token_mask", "best_by")
 
 
@@ -124,6 +127,8 @@ def plan_text(resolved: dict[str, Any]) -> str:
         columns = PLAN_COLUMNS if job["kind"] == "kd" else SFT_PLAN_COLUMNS if job["kind"] == "sft" else ()
         shown = [f"{k}={settings[k]}" for k in columns if k in settings]
         if job["kind"] == "kd":
+            if job["settings"]["objective"] != "kd":
+                shown.append(f"samples={job['sample_length']}")
             signal = job["teacher_signal"]
             shown.append(f"teacher={signal['source'].split()[0]}" + ("+noise" if signal["noise"] != "none" else ""))
         if "decoding" in job:
