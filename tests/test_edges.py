@@ -94,7 +94,7 @@ def test_non_utf8_data_file_is_one_line(tmp_path: Path, command: str) -> None:
         "score": ["score", "--task", "boolq", "--predictions", str(data)],
     }[command]
     line = refused(invoke(args), str(data), "UTF-8")
-    assert "line 1, byte 21" in line  # where the bad byte sits, so the user can find it
+    assert "line 1, column 22" in line  # where the bad byte sits, so the user can find it
 
 
 @pytest.mark.parametrize("damage", ["truncated header", "truncated tensors", "random bytes", "empty", "text"])
@@ -175,10 +175,16 @@ def test_score_on_no_records(tmp_path: Path, name: str, content: str) -> None:
 # --------------------------------------------------------------------------------------------------------------------
 # Messages
 # --------------------------------------------------------------------------------------------------------------------
-def test_yaml_syntax_error_names_line_and_column(tmp_path: Path) -> None:
+@pytest.mark.parametrize("content, position", [
+    (b"name: x\nfamilies: [\n  {name: a\ndomains: []\n", "line 4, column 8"),  # an unclosed flow mapping
+    (b"name: x\nfamilies:\n\t- a\n", "line 3, column 1"),  # a tab
+    ("name: é\nfoo: a\x01b\n".encode(), "line 2, column 7"),  # a control character after a 2-byte character
+    (b"name: x\nfoo: caf\xe9\n", "line 2, column 9"),  # Latin-1, not UTF-8
+])
+def test_yaml_errors_name_line_and_column(tmp_path: Path, content: bytes, position: str) -> None:
     study = tmp_path / "study.yaml"
-    study.write_text("name: x\nfamilies: [\n  {name: a\ndomains: []\n")
-    line = refused(invoke(["status", str(study)]), str(study), "line 4", "column")
+    study.write_bytes(content)
+    refused(invoke(["run", str(study), "--plan"]), str(study), position)
 
 
 def test_study_nested_setting_error_names_the_key(tmp_path: Path) -> None:

@@ -39,14 +39,15 @@ def _example_from_row(row: Any, path: Path | str, i: int) -> Example:
     )
 
 
-def _read_text(path: Path) -> str:
+def read_text_file(path: Path) -> str:
     """The file as text; a file that is not UTF-8 (e.g. saved as Latin-1) is refused with where the bad byte is."""
     raw = path.read_bytes()
     try:
         return raw.decode("utf-8-sig")  # -sig: a byte-order mark some editors write is not part of the data
     except UnicodeDecodeError as e:
-        line = raw[: e.start].count(b"\n") + 1
-        raise InputError(f"{path}: not UTF-8 text (line {line}, byte {e.start} is {raw[e.start:e.start + 1]!r}); "
+        line = raw.count(b"\n", 0, e.start) + 1
+        column = e.start - raw.rfind(b"\n", 0, e.start)  # counted in bytes: the line cannot be decoded
+        raise InputError(f"{path}: not UTF-8 text (line {line}, column {column}: byte {raw[e.start:e.start + 1]!r}); "
                          "save the file as UTF-8") from None
 
 
@@ -59,7 +60,7 @@ def read_records(path: Path | str) -> list[Any]:
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: no such file; give a .json list or a .jsonl file")
-    text = _read_text(path)
+    text = read_text_file(path)
     no_rows = f"{path}: the file has no rows; give a JSON list of objects or one JSON object per line"
     if not text.strip():
         raise InputError(no_rows)

@@ -31,7 +31,7 @@ def where(path: object, index: int | None = None, field: str | None = None) -> s
 
 def dotted(loc: Loc) -> str:
     """A pydantic error location as a YAML key path: ``training.kd.max_steps``, ``families.0.name``."""
-    return ".".join(str(part) for part in loc)
+    return ".".join(str(part) if part != "" else "''" for part in loc)  # an empty key is shown, not lost
 
 
 _MAX_SHOWN = 60  # characters of a bad value quoted back; generated or pasted values can be huge

@@ -10,7 +10,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
-from ..data import SYNTHETIC_PREFIX, load_training_data
+from ..data import SYNTHETIC_PREFIX, load_training_data, read_text_file
 from ..errors import InputError, describe, dotted, one_line
 from ..labels import KD_METHODS, KDMethodName, method_spec
 from ..models import BUILTIN_MODELS, BUILTIN_PREFIX, LoraSettings
@@ -254,21 +254,31 @@ def check_inputs(study: Study) -> None:
 SAFE_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
+def _yaml_position(error: yaml.YAMLError, text: str) -> str:
+    """`` at line L, column C`` (1-based) of a YAML error: a syntax error has a mark, a bad character a position."""
+    mark = getattr(error, "problem_mark", None)
+    if mark is not None:
+        return f" at line {mark.line + 1}, column {mark.column + 1}"
+    character = getattr(error, "character", None)  # a character YAML refuses (libyaml counts bytes, not characters)
+    position = text.find(chr(character) if isinstance(character, int) else str(character)) if character else -1
+    if position >= 0:
+        line_start = text.rfind("\n", 0, position) + 1
+        return f" at line {text.count(chr(10), 0, position) + 1}, column {position - line_start + 1}"
+    return ""
+
+
 def load_study(path: str | Path) -> Study:
     """Parse and validate a study YAML and everything it names (training settings, data, built-in models); errors
     name the key, the bad value and the fix."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: no such study file")
+    text = read_text_file(path)
     try:
-        raw = yaml.load(path.read_bytes().decode("utf-8-sig"), Loader=SAFE_YAML_LOADER)
-    except UnicodeDecodeError as e:
-        raise InputError(f"{path}: not UTF-8 text (byte {e.start}); save the study file as UTF-8") from None
+        raw = yaml.load(text, Loader=SAFE_YAML_LOADER)
     except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        what = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise InputError(f"{path}: invalid YAML{at}: {what}") from None
+        raise InputError(f"{path}: invalid YAML{_yaml_position(e, text)}: "
+                         f"{getattr(e, 'problem', None) or getattr(e, 'reason', None) or e}") from None
     except (ValueError, RecursionError) as e:  # a value YAML cannot build (a date 2020-13-45), nesting too deep
         raise InputError(f"{path}: invalid YAML value ({e}); quote it to keep it as text") from None
     if not isinstance(raw, dict):
