@@ -10,9 +10,10 @@ References accepted by `load_model`:
 from __future__ import annotations
 
 import struct
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from pydantic import BaseModel, Field
@@ -196,7 +197,9 @@ def load_tokenizer(ref: str, trust_remote_code: bool = False) -> Any:
         return tiny_tokenizer()
     path = Path(ref).expanduser()
     if path.suffix == ".gguf":
-        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, trust_remote_code=trust_remote_code)
+        with reading_gguf(path):
+            tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                trust_remote_code=trust_remote_code)
     elif _plain_tokenizers_folder(path):
         from transformers import PreTrainedTokenizerFast
 
@@ -261,28 +264,46 @@ GGUF_MAGIC = b"GGUF"
 _BROKEN_GGUF = (ValueError, struct.error, IndexError, KeyError, TypeError, EOFError)
 
 
-def _load_gguf(path: Path, kwargs: dict[str, Any]) -> tuple[Any, Any]:
-    """A GGUF file's model (dequantized by transformers) and tokenizer; a broken file is one InputError.
+@contextmanager
+def reading_gguf(path: Path) -> Iterator[None]:
+    """Check that ``path`` starts like a GGUF file, and turn what a broken one raises inside into one InputError."""
+    def broken(why: str) -> InputError:
+        return InputError(f"model {path}: not a valid GGUF file ({why}); the file may be cut short or corrupted: "
+                          "convert or download it again")
 
-    transformers marks a GGUF-loaded model as quantized, which forbids saving fully trained weights: the weights are
-    plain tensors after dequantization, so the marks are dropped here and the model saves like any other."""
+    if not path.is_file():
+        raise InputError(f"model {path}: a .gguf model must be a file")
+    with path.open("rb") as handle:
+        magic = handle.read(len(GGUF_MAGIC))
+    if magic != GGUF_MAGIC:
+        raise broken(f"it starts with {magic!r}, not {GGUF_MAGIC!r}")
+    try:
+        yield
+    except _BROKEN_GGUF as e:
+        first = str(e).splitlines()[0][:200] if str(e) else "truncated or garbled"
+        raise broken(f"{type(e).__name__}: {first}") from None
+
+
+def _load_gguf(path: Path, kwargs: dict[str, Any]) -> tuple[Any, Any]:
+    """A GGUF file's model (dequantized by transformers) and tokenizer; a broken file is one InputError."""
     from transformers import AutoModelForCausalLM
 
-    with path.open("rb") as f:
-        magic = f.read(len(GGUF_MAGIC))
-    if magic != GGUF_MAGIC:
-        raise InputError(f"{path}: not a valid GGUF file (it does not start with {GGUF_MAGIC!r}); give a .gguf file "
-                         "written by llama.cpp or gguf-py")
-    try:
-        tok = load_tokenizer(str(path), kwargs.get("trust_remote_code", False))
+    tok = load_tokenizer(str(path), kwargs.get("trust_remote_code", False))
+    with reading_gguf(path):
         model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, **kwargs)
-    except _BROKEN_GGUF as e:
-        raise InputError(f"{path}: not a valid GGUF file ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'truncated or garbled'}); "
-                         "the file may be cut short or corrupted: convert or download it again") from None
+    return drop_gguf_quantizer(model), tok
+
+
+def drop_gguf_quantizer(model: Any) -> Any:
+    """Drop the "quantized with gguf" marks transformers leaves on a GGUF-loaded model.
+
+    The weights are plain tensors after dequantization at load, but the marks make ``save_pretrained`` refuse:
+    full fine-tuning of a GGUF model failed when saving its weights. Without them the model saves like any other.
+    """
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    return model, tok
+    return model
 
 
 def load_trained(base_ref: str, trained_dir: str | Path, **load_kwargs: Any) -> tuple[Any, Any]:
@@ -304,10 +325,7 @@ def save_model(model: Any, tokenizer: Any, out_dir: str | Path) -> Path:
 
 def dequantized_copy(model: Any, tokenizer: Any, out_dir: str | Path) -> Path:
     """Cache a GGUF-loaded (dequantized) model as safetensors so it reloads in about a second."""
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    return save_model(model, tokenizer, out_dir)
+    return save_model(drop_gguf_quantizer(model), tokenizer, out_dir)
 
 
 # --------------------------------------------------------------------------------------------------------------------
