@@ -17,6 +17,7 @@ from typing import Any, Literal, Sequence, get_args
 from ..errors import InputError
 from ..labels import (BASE_MODEL_LABEL, BASE_TEACHER, NOISE_PREFIX, SFT_LABEL, method_spec, noise_ablation, row_label,
                       student_size)
+from ..train import TrainSettings
 from .spec import DomainSpec, KDRuns, ModelEntry, Study
 
 JobKind = Literal["pretrain", "sft", "cache", "kd", "eval", "fidelity", "analysis"]
@@ -74,7 +75,7 @@ def expand(study: Study) -> list[Job]:
                 "model": entry.model, "name": entry.name, "steps": steps, "data": study.pretrain.data,
                 "extra_data": study.pretrain.extra_data, "lr": study.pretrain.lr,
                 "micro_batch_size": study.pretrain.micro_batch_size, "seed": study.seeds[0],
-                "prompt_style": study.training.common.get("prompt_style", "study"),
+                "prompt_style": TrainSettings(**study.training.common).prompt_style,
                 "token_mask": study.pretrain.token_mask})) if steps else None
         for domain in study.domains:
             for entry in (*family.teachers, *family.students):
@@ -180,8 +181,8 @@ def _cache_jobs(study: Study, domain: DomainSpec, seed: int, teacher: ModelEntry
                 teacher_sft: Job, teacher_base: Job | None) -> dict[bool, Job]:
     """With ``training.kd.teacher_topk`` set, one teacher pass per (teacher, domain, seed) - and one more for the
     base-teacher ablation - serves every student, method and temperature (keyed: base_teacher True/False)."""
-    kd = resolved_settings(study, domain, "kd")
-    if not kd.get("teacher_topk"):
+    kd = TrainSettings(**resolved_settings(study, domain, "kd", objective="kd"))  # its defaults, none restated here
+    if not kd.teacher_topk:
         return {}
     runs = [r for s in students for r in kd_runs(study, teacher.name, s.name) if _uses_cache(r)]
     temperatures = sorted({1.0, *(r.temperature for r in runs)})
@@ -189,9 +190,8 @@ def _cache_jobs(study: Study, domain: DomainSpec, seed: int, teacher: ModelEntry
     jobs = {}
     for base in variants:
         params = {"teacher": teacher.model, "teacher_name": teacher.name, "domain": domain.name, "train": domain.train,
-                  "seed": seed, "k": kd["teacher_topk"],
-                  "temperatures": temperatures, "prompt_style": kd.get("prompt_style", "study"),
-                  "max_length": kd.get("max_length", 256), "base_teacher": base, "device": study.device,
+                  "seed": seed, "k": kd.teacher_topk, "temperatures": temperatures, "prompt_style": kd.prompt_style,
+                  "max_length": kd.max_length, "base_teacher": base, "device": study.device,
                   "trust_remote_code": teacher.trust_remote_code}
         deps = {} if base else {"teacher": teacher_sft}
         if teacher_base:
