@@ -243,3 +243,14 @@ def test_rows_are_numbered_from_one_everywhere(tmp_path: Path) -> None:
     preds = tmp_path / "preds.json"
     preds.write_text(json.dumps([good, {"answer": "true"}]))
     refused(invoke(["score", "--task", "boolq", "--predictions", str(preds)]), "row 2 (1-based)")
+
+
+def test_a_folder_where_a_file_goes(tmp_path: Path) -> None:
+    """`stats --json` naming a folder: the OS error of writing there becomes one line naming the path."""
+    table = tmp_path / "math_results.csv"
+    table.write_text("Teacher,Student,Method,gsm8k,Average\n"
+                     "T-1B,S-0.5B,SFT,10,10\nT-1B,S-0.5B,student_KD_temp_1.0,12,12\n"
+                     "T-1B,S-1B,SFT,20,20\nT-1B,S-1B,student_KD_temp_1.0,21,21\n")
+    folder = tmp_path / "stats.json"
+    folder.mkdir()
+    refused(invoke(["stats", str(table), "--json", str(folder)]), str(folder))
