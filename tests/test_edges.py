@@ -254,3 +254,44 @@ def test_a_folder_where_a_file_goes(tmp_path: Path) -> None:
     folder = tmp_path / "stats.json"
     folder.mkdir()
     refused(invoke(["stats", str(table), "--json", str(folder)]), str(folder))
+
+
+def test_one_line_translates_pydantic_errors() -> None:
+    """The one translator: key path, message without pydantic's prefixes, the bad value (cut short), a hint for a
+    misspelled key, how many more problems there are; always one line."""
+    from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+    from kdscope.errors import one_line
+
+    class Inner(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        steps: int = Field(1, ge=1)
+
+        @field_validator("steps")
+        @classmethod
+        def _small(cls, v: int) -> int:
+            if v > 100:
+                raise ValueError(f"{v} steps is\nmore than 100")
+            return v
+
+    class Outer(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        inner: Inner
+        name: str = "x"
+
+    def error(data: dict) -> str:
+        with pytest.raises(ValidationError) as info:
+            Outer.model_validate(data)
+        return str(one_line(info.value, "study.yaml"))
+
+    assert error({"inner": {"stpes": 3}}) == ("study.yaml: inner.stpes: Extra inputs are not permitted (got 3) - "
+                                              "remove it or check the spelling")
+    assert error({"inner": {"steps": 0}}) == "study.yaml: inner.steps: Input should be greater than or equal to 1 (got 0)"
+    assert error({"inner": {"steps": 500}}) == "study.yaml: inner.steps: 500 steps is more than 100"
+    assert error({"inner": {"steps": 0}, "name": 5}).endswith("(got 0) [and 1 more problem]")
+    long = error({"inner": {"steps": "n" * 500}})
+    assert "(got 'nnn" in long and "n" * 61 not in long and long.endswith("...)")
+    assert error({"inner": {"": 1}}).startswith("study.yaml: inner.'': Extra inputs")
+    with pytest.raises(ValidationError) as info:
+        Outer.model_validate({"inner": {"steps": 0}})
+    assert str(one_line(info.value, name=lambda loc: "--" + str(loc[-1]))).startswith("--steps: Input should be")

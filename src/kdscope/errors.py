@@ -53,8 +53,8 @@ def describe(error: ValidationError, name: Callable[[Loc], str] = dotted) -> str
     loc = tuple(err["loc"])
     value = err.get("input")
     got = ""
-    if loc and not isinstance(value, (dict, list)):
-        shown = repr(value)
+    shown = repr(value)
+    if loc and not isinstance(value, (dict, list)) and shown not in msg:  # a validator's message may quote it already
         got = f" (got {shown if len(shown) <= _MAX_SHOWN else shown[:_MAX_SHOWN] + '...'})"
     hint = " - remove it or check the spelling" if err["type"] == "extra_forbidden" else ""
     more = len(error.errors()) - 1
