@@ -161,6 +161,28 @@ def test_full_finetuning_of_a_gguf_model(tmp_path: Path, tiny_gguf: Path) -> Non
     assert not torch.equal(trained.state_dict()[emb], base.state_dict()[emb])  # trained all weights, and kept them
 
 
+def test_study_with_lora_null_fully_finetunes_a_gguf_model(tmp_path: Path, tiny_gguf: Path) -> None:
+    """The same through a study (``training.lora: null``): its SFT job saves full weights, no ``best.tmp`` left."""
+    from kdscope.study import StudyStore, expand, load_study
+    from kdscope.study.jobs import run_job
+
+    spec = tmp_path / "study.yaml"
+    spec.write_text(json.dumps({  # JSON is YAML
+        "name": "gguf-full", "device": "cpu", "methods": ["SeqKD"], "temperatures": [1.0],
+        "families": [{"name": "tiny", "teachers": [{"name": "T-100K", "model": str(tiny_gguf)}],
+                      "students": [{"name": "S-100K", "model": str(tiny_gguf)}]}],
+        "domains": [{"name": "math", "train": "synthetic:math:8", "tasks": [{"task": "toy_add"}]}],
+        "training": {"lora": None, "common": {"max_steps": 2, "val_size": 4, "eval_every": 1, "micro_batch_size": 2,
+                                              "grad_accum": 1, "max_length": 48, "warmup_steps": 0}},
+    }))
+    root = tmp_path / "run"
+    sft = next(job for job in expand(load_study(spec)) if job.kind == "sft")
+    run_job(sft, root, StudyStore(root / "study.sqlite"), progress=False)
+    written = list(root.rglob("*"))
+    assert not [p for p in written if p.name.endswith(".tmp")], written
+    assert [p for p in written if p.name == "model.safetensors" and p.parent.name == "final"]
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Accepted silently before
 # --------------------------------------------------------------------------------------------------------------------
