@@ -1,21 +1,30 @@
-"""Benchmark one KD training step: kdscope's chunked forward KL vs TRL's GKD loss vs the study's dense formulation.
+"""Benchmark one KD training step: study dense, TRL's GKD loss, kdscope chunked, kdscope fused, Liger fused linear JSD.
 
 One step = student forward, teacher forward (no grad), forward-KL loss, backward, AdamW step, on a tiny
-Qwen2-architecture student and teacher with the real Qwen2.5 logit width (151,936) and a batch of 4 x 256 tokens.
-Each variant runs in a fresh subprocess so peak memories do not mix; the peak is the resident-set high-water mark
-during the timed steps (reset through /proc/self/clear_refs after the warm-up step) minus the resident set before them,
-i.e. what the step itself needs on top of models, batch and optimizer state.
+Qwen2-architecture student and teacher with the real Qwen2.5 logit width (151,936) and a batch of 4 x 256 tokens
+(``--batch`` to change). Each run is a fresh subprocess so peak memories do not mix; the peak is the resident-set
+high-water mark during the timed steps (reset through /proc/self/clear_refs after the warm-up step) minus the resident
+set before them, i.e. what the step itself needs on top of models, batch and optimizer state. Variants run alternately
+(``--repeats`` rounds of every variant, at every ``--temperatures`` value) and the table gives medians and ratios of
+medians, so all variants see the same machine load.
 
 Variants (same models, batch, token set and optimizer; only the loss path differs):
-- kdscope: ``kdscope.teacher.OnlineTeacher`` + ``kdscope.losses.distill_loss(loss="forward_kl")``, which compares the
-  unshifted logits position by position and drops the last position through the mask (no logit slicing).
-- trl:     ``trl.experimental.gkd.GKDTrainer.compute_loss`` itself with beta = 0 (forward KL) and no on-policy
-  sampling (lambda = 0), called with a stand-in for the trainer object.
 - study:   the released study code's forward KL, restated here: full-vocabulary log-softmax of the student, softmax of
   the teacher plus 1e-9, elementwise KL summed over the vocabulary, masked, averaged per sequence then over the batch,
   times T^2.
+- trl:     ``trl.experimental.gkd.GKDTrainer.compute_loss`` itself with beta = 0 (forward KL) and no on-policy
+  sampling (lambda = 0), called with a stand-in for the trainer object (its ``generalized_jsd_loss`` bound to the
+  temperature; TRL applies no T^2 factor).
+- kdscope: ``kdscope.teacher.OnlineTeacher`` + ``kdscope.losses.distill_loss(loss="forward_kl")`` on full logits,
+  which compares the unshifted logits position by position and drops the last position through the mask.
+- fused:   ``kdscope.fused.fused_distill_parts``: both models stop at their last hidden states
+  (``kdscope.fused.last_hidden_states``) and the heads run inside the loss, chunk by chunk (default memory budget).
+- liger64 / liger1024: ``liger_kernel.chunked_loss.LigerFusedLinearJSDLoss`` (beta = 0: forward KL, hard-loss weight
+  0, soft 1, ``compiled=False``) at chunk 64 and at Liger's default 1024 rows; Liger applies no T^2 factor.
 
-Needs the benchmark environment (TRL is not a kdscope dependency):
+Loss values are reported times T^2 for TRL and Liger, so every row shows the same quantity.
+
+Needs the benchmark environment (TRL and Liger are not kdscope dependencies):
     python3 -m venv .bench-venv && .bench-venv/bin/pip install torch==2.13.0
     .bench-venv/bin/pip install -e . -r bench/requirements-bench.txt
     .bench-venv/bin/python bench/bench_kd_step.py
@@ -24,9 +33,11 @@ Needs the benchmark environment (TRL is not a kdscope dependency):
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -39,11 +50,12 @@ import torch.nn.functional as F
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 VOCAB = 151936  # Qwen2.5-0.5B/1.5B/3B logit width
-BATCH, SEQ = 4, 256
-TEMPERATURE = 1.0  # TRL's compute_loss does not pass a temperature, so compare at 1
-VARIANTS = ("kdscope", "trl", "study")
+SEQ = 256  # default tokens per sequence (--seq)
+VARIANTS = ("study", "trl", "kdscope", "fused", "liger64", "liger1024")
+PEER_WITHOUT_T2 = ("trl", "liger64", "liger1024")
 
-StepLoss = Callable[[Qwen2ForCausalLM, Qwen2ForCausalLM, dict[str, torch.Tensor]], torch.Tensor]
+Batch = dict[str, torch.Tensor]
+StepLoss = Callable[[Qwen2ForCausalLM, Qwen2ForCausalLM, Batch], torch.Tensor]
 
 
 def tiny_qwen(hidden: int, seed: int) -> Qwen2ForCausalLM:
@@ -55,77 +67,124 @@ def tiny_qwen(hidden: int, seed: int) -> Qwen2ForCausalLM:
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=SEQ,
+        max_position_embeddings=4096,
     )
     return Qwen2ForCausalLM(config)
 
 
-def make_batch(seed: int) -> dict[str, torch.Tensor]:
+def make_batch(seed: int, batch: int, seq: int) -> Batch:
     generator = torch.Generator().manual_seed(seed)
-    input_ids = torch.randint(0, VOCAB, (BATCH, SEQ), generator=generator)
+    input_ids = torch.randint(0, VOCAB, (batch, seq), generator=generator)
     return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": input_ids.clone()}
 
 
-def next_token_mask(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def next_token_mask(batch: Batch) -> torch.Tensor:
     """Mask over unshifted positions: position t counts when token t + 1 is a label (TRL's token set)."""
     mask = torch.zeros_like(batch["attention_mask"], dtype=torch.bool)
     mask[:, :-1] = batch["labels"][:, 1:] != -100
     return mask
 
 
-def kdscope_loss() -> StepLoss:
+def kdscope_loss(temperature: float) -> StepLoss:
     from kdscope.losses import distill_loss
     from kdscope.teacher import OnlineTeacher
 
     teacher_signal: OnlineTeacher | None = None
 
-    def step_loss(student: Qwen2ForCausalLM, teacher: Qwen2ForCausalLM, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def step_loss(student: Qwen2ForCausalLM, teacher: Qwen2ForCausalLM, batch: Batch) -> torch.Tensor:
         nonlocal teacher_signal
         teacher_signal = teacher_signal or OnlineTeacher(teacher)
         student_logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         teacher_logits = teacher_signal(batch["input_ids"], batch["attention_mask"]).logits
-        return distill_loss(student_logits, teacher_logits, next_token_mask(batch), "forward_kl", TEMPERATURE)
+        return distill_loss(student_logits, teacher_logits, next_token_mask(batch), "forward_kl", temperature)
 
     return step_loss
 
 
-def trl_loss() -> StepLoss:
+def fused_loss(temperature: float) -> StepLoss:
+    from kdscope.fused import LinearHead, fused_distill_parts, fused_supported, last_hidden_states
+
+    def step_loss(student: Qwen2ForCausalLM, teacher: Qwen2ForCausalLM, batch: Batch) -> torch.Tensor:
+        assert fused_supported(student) and fused_supported(teacher)
+        hidden = last_hidden_states(student, batch["input_ids"], batch["attention_mask"])
+        with torch.no_grad():
+            teacher.eval()
+            teacher_hidden = last_hidden_states(teacher, batch["input_ids"], batch["attention_mask"])
+        parts = fused_distill_parts(hidden, LinearHead.of(student), teacher_hidden, LinearHead.of(teacher),
+                                    next_token_mask(batch), "forward_kl", temperature)
+        return parts.mean()
+
+    return step_loss
+
+
+def liger_loss(temperature: float, chunk_size: int) -> StepLoss:
+    from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
+
+    from kdscope.fused import last_hidden_states
+
+    jsd = LigerFusedLinearJSDLoss(weight_hard_loss=0.0, weight_soft_loss=1.0, beta=0.0, temperature=temperature,
+                                  compiled=False, chunk_size=chunk_size)
+
+    def step_loss(student: Qwen2ForCausalLM, teacher: Qwen2ForCausalLM, batch: Batch) -> torch.Tensor:
+        hidden = last_hidden_states(student, batch["input_ids"], batch["attention_mask"])
+        with torch.no_grad():
+            teacher.eval()
+            teacher_hidden = last_hidden_states(teacher, batch["input_ids"], batch["attention_mask"])
+        labels = torch.full_like(batch["labels"], -100)
+        labels[:, :-1] = batch["labels"][:, 1:]  # position t predicts token t + 1; the last predicts nothing
+        return jsd(hidden.flatten(0, 1), student.lm_head.weight, teacher_hidden.flatten(0, 1),
+                   teacher.lm_head.weight, labels.flatten())
+
+    return step_loss
+
+
+def trl_loss(temperature: float) -> StepLoss:
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     from trl.experimental.gkd import GKDTrainer
 
-    def step_loss(student: Qwen2ForCausalLM, teacher: Qwen2ForCausalLM, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        trainer = SimpleNamespace(teacher_model=teacher, beta=0.0, generalized_jsd_loss=GKDTrainer.generalized_jsd_loss)
+    generalized_jsd_loss = functools.partial(GKDTrainer.generalized_jsd_loss, temperature=temperature)
+
+    def step_loss(student: Qwen2ForCausalLM, teacher: Qwen2ForCausalLM, batch: Batch) -> torch.Tensor:
+        trainer = SimpleNamespace(teacher_model=teacher, beta=0.0, generalized_jsd_loss=generalized_jsd_loss)
         return GKDTrainer.compute_loss(trainer, student, batch)
 
     return step_loss
 
 
-def study_forward_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def study_forward_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor,
+                     temperature: float) -> torch.Tensor:
     """The study's forward KL, restated: dense over the vocabulary, per-sequence token mean, then batch mean."""
-    student_scaled = student_logits / TEMPERATURE
-    teacher_scaled = teacher_logits / TEMPERATURE
+    student_scaled = student_logits / temperature
+    teacher_scaled = teacher_logits / temperature
     student_scaled = student_scaled - student_scaled.max(dim=-1, keepdim=True).values
     teacher_scaled = teacher_scaled - teacher_scaled.max(dim=-1, keepdim=True).values
     student_log_probs = F.log_softmax(student_scaled, dim=-1)
     teacher_probs = F.softmax(teacher_scaled, dim=-1) + 1e-9
     per_token = F.kl_div(student_log_probs, teacher_probs, reduction="none").sum(dim=-1) * mask
     per_sequence = per_token.sum(dim=-1) / mask.sum(dim=-1)
-    return per_sequence.mean() * TEMPERATURE**2
+    return per_sequence.mean() * temperature**2
 
 
-def study_loss() -> StepLoss:
-    def step_loss(student: Qwen2ForCausalLM, teacher: Qwen2ForCausalLM, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def study_loss(temperature: float) -> StepLoss:
+    def step_loss(student: Qwen2ForCausalLM, teacher: Qwen2ForCausalLM, batch: Batch) -> torch.Tensor:
         student_logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         with torch.no_grad():
             teacher.eval()
             teacher_logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         mask = (batch["labels"][:, 1:] != -100).to(student_logits.dtype)
-        return study_forward_kl(student_logits[:, :-1], teacher_logits[:, :-1], mask)
+        return study_forward_kl(student_logits[:, :-1], teacher_logits[:, :-1], mask, temperature)
 
     return step_loss
 
 
-LOSSES: dict[str, Callable[[], StepLoss]] = {"kdscope": kdscope_loss, "trl": trl_loss, "study": study_loss}
+LOSSES: dict[str, Callable[[float], StepLoss]] = {
+    "study": study_loss,
+    "trl": trl_loss,
+    "kdscope": kdscope_loss,
+    "fused": fused_loss,
+    "liger64": functools.partial(liger_loss, chunk_size=64),
+    "liger1024": functools.partial(liger_loss, chunk_size=1024),
+}
 
 
 def rss_kib(field: str) -> int:
@@ -141,12 +200,12 @@ def reset_peak_rss() -> None:
     Path("/proc/self/clear_refs").write_text("5")
 
 
-def run_variant(variant: str, steps: int) -> dict[str, float]:
-    step_loss = LOSSES[variant]()
+def run_variant(variant: str, steps: int, temperature: float, batch_size: int, seq: int) -> dict[str, float]:
+    step_loss = LOSSES[variant](temperature)
     student = tiny_qwen(hidden=64, seed=1).train()
     teacher = tiny_qwen(hidden=128, seed=2).eval()
     optimizer = torch.optim.AdamW(student.parameters(), lr=3e-4)
-    batch = make_batch(seed=3)
+    batch = make_batch(seed=3, batch=batch_size, seq=seq)
 
     def one_step() -> float:
         loss = step_loss(student, teacher, batch)
@@ -164,57 +223,75 @@ def run_variant(variant: str, steps: int) -> dict[str, float]:
     elapsed = time.perf_counter() - start
     peak_kib = rss_kib("VmHWM")
     return {
-        "tokens_per_s": steps * BATCH * SEQ / elapsed,
+        "tokens_per_s": steps * batch_size * seq / elapsed,
         "seconds_per_step": elapsed / steps,
         "step_peak_mib": (peak_kib - before_kib) / 1024,
         "process_peak_mib": peak_kib / 1024,
-        "first_loss": first_loss,
+        "first_loss": first_loss * (temperature**2 if variant in PEER_WITHOUT_T2 else 1.0),
     }
 
 
 def versions() -> str:
-    import transformers
-    import trl
+    from importlib.metadata import version
 
-    return f"torch {torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}"
+    return ", ".join(f"{name} {version(name)}" for name in ("torch", "transformers", "trl", "liger-kernel"))
 
 
-def markdown_report(results: dict[str, dict[str, float]], steps: int) -> str:
-    trl = results["trl"]
+def markdown_report(runs: dict[tuple[float, str], list[dict[str, float]]], args: argparse.Namespace) -> str:
     lines = [
         f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, "
         f"torch threads {torch.get_num_threads()}; {versions()}",
-        f"batch {BATCH} x {SEQ} tokens, vocab {VOCAB}, {steps} timed steps after 1 warm-up step, one run",
+        f"batch {args.batch} x {args.seq} tokens, vocab {VOCAB}, {args.steps} timed steps after 1 warm-up step per run, "
+        f"{args.repeats} alternating rounds; medians, and ratios of medians",
         "",
-        "| variant | tokens/s | s/step | step peak MiB | process peak MiB | loss at step 1 | tokens/s vs TRL "
-        "| step peak vs TRL |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| T | variant | tokens/s | s/step | step peak MiB | process peak MiB | loss at step 1 | tokens/s vs TRL "
+        "| tokens/s vs kdscope | step peak vs TRL | step peak vs liger64 |",
+        "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    for name in VARIANTS:
-        r = results[name]
-        lines.append(
-            f"| {name} | {r['tokens_per_s']:.0f} | {r['seconds_per_step']:.2f} | {r['step_peak_mib']:.0f} | "
-            f"{r['process_peak_mib']:.0f} | {r['first_loss']:.6f} | {r['tokens_per_s'] / trl['tokens_per_s']:.2f}x | "
-            f"{r['step_peak_mib'] / trl['step_peak_mib']:.2f}x |"
-        )
+    for temperature in args.temperatures:
+        med = {}
+        for name in args.variants:
+            name_runs = runs[(temperature, name)]
+            med[name] = {key: statistics.median(r[key] for r in name_runs) for key in name_runs[0]}
+
+        def ratio(name: str, key: str, base: str) -> str:
+            return f"{med[name][key] / med[base][key]:.2f}x" if base in med else "-"
+
+        for name in args.variants:
+            m = med[name]
+            lines.append(
+                f"| {temperature:g} | {name} | {m['tokens_per_s']:.0f} | {m['seconds_per_step']:.2f} | "
+                f"{m['step_peak_mib']:.0f} | {m['process_peak_mib']:.0f} | {m['first_loss']:.6f} | "
+                f"{ratio(name, 'tokens_per_s', 'trl')} | {ratio(name, 'tokens_per_s', 'kdscope')} | "
+                f"{ratio(name, 'step_peak_mib', 'trl')} | {ratio(name, 'step_peak_mib', 'liger64')} |"
+            )
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=3, help="timed steps per variant (after one warm-up step)")
+    parser.add_argument("--steps", type=int, default=2, help="timed steps per run (after one warm-up step)")
+    parser.add_argument("--repeats", type=int, default=3, help="alternating rounds of every variant")
+    parser.add_argument("--batch", type=int, default=4, help="sequences per step")
+    parser.add_argument("--seq", type=int, default=SEQ, help="tokens per sequence")
+    parser.add_argument("--temperatures", type=float, nargs="+", default=[1.0, 2.0])
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     parser.add_argument("--variant", choices=VARIANTS, help="run one variant in this process and print JSON")
     args = parser.parse_args()
     if args.variant:
-        print(json.dumps(run_variant(args.variant, args.steps)))
+        print(json.dumps(run_variant(args.variant, args.steps, args.temperatures[0], args.batch, args.seq)))
         return
-    results = {}
-    for name in VARIANTS:
-        command = [sys.executable, __file__, "--variant", name, "--steps", str(args.steps)]
-        completed = subprocess.run(command, check=True, capture_output=True, text=True)
-        results[name] = json.loads(completed.stdout.strip().splitlines()[-1])
-        print(f"{name}: {results[name]}", file=sys.stderr)
-    print(markdown_report(results, args.steps))
+    runs: dict[tuple[float, str], list[dict[str, float]]] = {}
+    for round_index in range(args.repeats):
+        for temperature in args.temperatures:
+            for name in args.variants:
+                command = [sys.executable, __file__, "--variant", name, "--steps", str(args.steps), "--batch",
+                           str(args.batch), "--seq", str(args.seq), "--temperatures", str(temperature)]
+                completed = subprocess.run(command, check=True, capture_output=True, text=True)
+                result = json.loads(completed.stdout.strip().splitlines()[-1])
+                runs.setdefault((temperature, name), []).append(result)
+                print(f"round {round_index + 1} T={temperature:g} {name}: {result}", file=sys.stderr, flush=True)
+    print(markdown_report(runs, args))
 
 
 if __name__ == "__main__":

@@ -356,3 +356,28 @@ def test_fused_step_never_allocates_batch_by_vocab() -> None:
         plain_step()
     assert plain_shapes.largest >= limit  # the recorder sees the plain path's logits, so it can fail
     assert fused_shapes.largest < limit, fused_shapes.largest
+
+
+def test_online_teacher_hidden_gives_the_online_teachers_loss() -> None:
+    """A dense OnlineTeacher (vocab cut, adapter off) through the fused path gives the loss of its logits."""
+    from peft import LoraConfig, get_peft_model
+
+    from kdscope.fused import fused_teacher_ready, online_teacher_hidden
+    from kdscope.teacher import OnlineTeacher
+
+    student = tiny_qwen(64, 16, seed=0, tied=False)
+    teacher_model = get_peft_model(tiny_qwen(70, 24, seed=1, tied=False),
+                                   LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    x, attn = ids(vocab=64), torch.ones(B, S, dtype=torch.long)
+    mask = make_mask()
+    for disable_adapter in (False, True):
+        teacher = OnlineTeacher(teacher_model, vocab_width=64, disable_adapter=disable_adapter)
+        assert fused_teacher_ready(teacher)
+        dense = distill_loss_parts(student(input_ids=x, attention_mask=attn).logits, teacher(x, attn).logits, mask,
+                                   "forward_kl", 2.0)
+        signal = online_teacher_hidden(teacher, x, attn)
+        fused = fused_distill_parts(last_hidden_states(student, x, attn), LinearHead.of(student), signal.hidden,
+                                    signal.head, mask, "forward_kl", 2.0)
+        assert rel_err(fused.total.detach(), dense.total.detach()) < 1e-5
+        assert teacher.calls == 2
+    assert not fused_teacher_ready(OnlineTeacher(teacher_model, topk=4))

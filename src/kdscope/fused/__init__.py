@@ -29,19 +29,23 @@ quantised head) are detected by ``fused_supported``; callers fall back to the pl
 from .api import chunked_topk, fused_cross_entropy_parts, fused_distill_parts, fused_distill_sparse_parts
 from .engine import DEFAULT_MEMORY_BUDGET_BYTES, chunk_rows, masked_row_weights, noise_row_seed, teacher_noise
 from .heads import LinearHead, fused_supported, fused_unsupported_reason, last_hidden_states
+from .online import TeacherHidden, fused_teacher_ready, online_teacher_hidden
 
 __all__ = [
     "DEFAULT_MEMORY_BUDGET_BYTES",
     "LinearHead",
+    "TeacherHidden",
     "chunk_rows",
     "chunked_topk",
     "fused_cross_entropy_parts",
     "fused_distill_parts",
     "fused_distill_sparse_parts",
     "fused_supported",
+    "fused_teacher_ready",
     "fused_unsupported_reason",
     "last_hidden_states",
     "masked_row_weights",
     "noise_row_seed",
+    "online_teacher_hidden",
     "teacher_noise",
 ]

@@ -142,7 +142,9 @@ def fused_distill_sparse_parts(
     if tail not in ("renormalise", "tail_bucket"):
         raise InputError(f"unknown tail mode {tail!r}: use 'renormalise' or 'tail_bucket'")
     if tail == "tail_bucket" and teacher_log_normalizer is None:
-        raise InputError("tail='tail_bucket' needs teacher_log_normalizer (the teacher's logsumexp at this temperature)")
+        raise InputError(
+            "tail='tail_bucket' needs teacher_log_normalizer (the teacher's logsumexp at this temperature)"
+        )
     width = student_head.vocab
     effective_tail: TailMode = "renormalise" if teacher_topk_values.shape[-1] >= width else tail
     weights, count = masked_row_weights(mask, reduction)
