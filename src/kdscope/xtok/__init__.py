@@ -1,0 +1,44 @@
+"""Cross-tokenizer distillation: a teacher and a student with different tokenizers (issue 16).
+
+- ``vocab``: byte-normalised token spellings and the shared part of two vocabularies;
+- ``align``: alignment of two tokenisations of one text by offsets (spans, 1:1 or merged), masks mapped through it,
+  and re-tokenisation of student ids (GKD samples) for the teacher;
+- ``batch``: a batch of alignments flattened into the positions the losses gather;
+- ``loss``: ``xtok_kl`` (exact KL on the shared vocabulary, one tail bucket per side) and ``uld`` (sorted-probability
+  L1), chunked over spans, on logits or fused with the LM heads.
+
+Layer: above ``losses`` and ``fused``, below ``cache`` and ``train``.
+"""
+
+from .align import (
+    AlignedSpan,
+    Alignment,
+    align_offsets,
+    align_text,
+    byte_offsets_of_ids,
+    retokenize_for_teacher,
+)
+from .batch import AlignedBatch, SideIndex, aligned_batch
+from .loss import XTOK_LOSS_NAMES, bucket_log_probs, xtok_fused_parts, xtok_loss_parts
+from .vocab import SharedVocabulary, TokenSpelling, decoder_kind, shared_vocabulary, token_spelling
+
+__all__ = [
+    "XTOK_LOSS_NAMES",
+    "AlignedBatch",
+    "AlignedSpan",
+    "Alignment",
+    "SharedVocabulary",
+    "SideIndex",
+    "TokenSpelling",
+    "align_offsets",
+    "align_text",
+    "aligned_batch",
+    "bucket_log_probs",
+    "byte_offsets_of_ids",
+    "decoder_kind",
+    "retokenize_for_teacher",
+    "shared_vocabulary",
+    "token_spelling",
+    "xtok_fused_parts",
+    "xtok_loss_parts",
+]

