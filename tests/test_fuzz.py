@@ -26,6 +26,9 @@ from typer.testing import CliRunner, Result
 from kdscope.cli import app
 from kdscope.errors import InputError
 
+# a generated training file often has rows without an 'output': the loader warns (and trains on them), as it should
+pytestmark = pytest.mark.filterwarnings("ignore:.*rows with an empty 'output':UserWarning")
+
 FUZZ = settings(deadline=None, derandomize=True, database=None, print_blob=True,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
                                        HealthCheck.data_too_large])
