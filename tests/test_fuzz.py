@@ -261,18 +261,24 @@ def result_csvs(draw: st.DrawFn) -> bytes:
 # The tests
 # --------------------------------------------------------------------------------------------------------------------
 @settings(FUZZ, max_examples=900)
-@given(kind=DATA_KINDS, data=st.data())
-def test_data_files_load_or_refuse(tmp_path: Path, kind: str, data: st.DataObject) -> None:
+@given(data=st.data())
+def test_data_files_load_or_refuse(tmp_path: Path, data: st.DataObject) -> None:
     from kdscope.data import load_examples, load_task, load_training_data
 
     suffix, content = data.draw(data_files())
-    path = fresh(tmp_path) / f"data{suffix}"
+    folder = fresh(tmp_path)
+    path = folder / f"data{suffix}"
     path.write_bytes(content)
     culprits = [str(path)]
-    loads_or_refuses(lambda: load_training_data(str(path)), culprits, "training data")
+    if loads_or_refuses(lambda: load_training_data(str(path)), culprits, "training data") is None:
+        # refused: `train sft` must say so on one line before it loads a model (a file that loads would train)
+        exits_cleanly(cli(["train", "sft", "--model", "builtin:tiny-qwen-xs", "--data", str(path),
+                           "--out", str(folder / "out"), "--device", "cpu"]), culprits)
     loads_or_refuses(lambda: load_examples(path), culprits, "examples")
     task = data.draw(st.sampled_from(["boolq", "gsm8k", "toy_add"]))
-    loads_or_refuses(lambda: load_task(task, path), culprits, "test items")
+    if loads_or_refuses(lambda: load_task(task, path), culprits, "test items") is None:
+        exits_cleanly(cli(["eval", "--model", "builtin:tiny-qwen-xs", "--tasks", task, "--data", str(path),
+                           "--out", str(folder / "eval"), "--device", "cpu"]), culprits)
     field = data.draw(st.sampled_from(["output", "output_pred"]))
     exits_cleanly(cli(["score", "--task", "boolq", "--predictions", str(path), "--field", field]),
                   [*culprits, "--field"])
