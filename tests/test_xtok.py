@@ -27,6 +27,7 @@ from kdscope.models import build_tiny_model, tiny_config, tiny_tokenizer
 from kdscope.synthetic import corpus
 from kdscope.xtok import (
     Alignment,
+    CrossTokenizerTeacher,
     TokenSpelling,
     align_text,
     aligned_batch,
@@ -34,8 +35,10 @@ from kdscope.xtok import (
     shared_vocabulary,
     token_spelling,
     xtok_fused_parts,
+    xtok_kd_sum,
     xtok_loss_parts,
 )
+from kdscope.xtok.vocab import _bytes_to_unicode
 
 ADVERSARIAL = [
     "Question: what is 12 + 345?  Answer:  357 apples",
@@ -156,7 +159,11 @@ def check_round_trip(text: str, student: Any, teacher: Any, exact_bytes: bool = 
     for side, ids, spell in (("student", s_ids, s_spell), ("teacher", t_ids, t_spell)):
         covered = [i for span in alignment.spans for i in range(*getattr(span, side))]
         assert covered == sorted(set(covered))
-        assert set(range(len(ids))) - set(covered) <= {i for i, t in enumerate(ids) if t in spell.special}
+        allowed = {i for i, t in enumerate(ids) if t in spell.special}
+        first_text = min(set(range(len(ids))) - allowed)
+        if spell.text_bytes[ids[first_text]] == b" " and not text.startswith(" "):
+            allowed.add(first_text)  # SentencePiece's prepended '▁' alone: a space the text does not have
+        assert set(range(len(ids))) - set(covered) <= allowed
     for span in alignment.spans:
         piece = text.encode()[span.byte_span[0]:span.byte_span[1]]
         s_bytes = b"".join(s_spell.text_bytes[i] for i in s_ids[span.student[0]:span.student[1]])
@@ -185,10 +192,11 @@ def test_identical_tokenizers_align_one_to_one() -> None:
         ids, _, alignment = align_text(text, byte_level, byte_level)
         assert all(span.one_to_one for span in alignment.spans) and len(alignment.spans) == len(ids)
         ids, _, alignment = align_text(text, sentencepiece, sentencepiece)
-        # the '▁' SentencePiece prepends writes a space the text lacks: before a byte-fallback first character
-        # (no piece '▁Q') it cannot be cut from that character, and only that first span merges
-        assert all(span.one_to_one for span in alignment.spans[1:])
-        assert sum(span.student[1] - span.student[0] for span in alignment.spans) == len(ids) - 1  # all but BOS
+        assert all(span.one_to_one for span in alignment.spans)
+        # without text: the BOS, and a '▁' SentencePiece prepends alone before a byte-fallback first character
+        textless = {i for i, t in enumerate(ids) if t == sentencepiece.bos_token_id}
+        textless |= {1} if sentencepiece.convert_ids_to_tokens(ids[1]) == "▁" and text[0] != " " else set()
+        assert {i for span in alignment.spans for i in range(*span.student)} == set(range(len(ids))) - textless
 
 
 def test_prompt_mask_maps_through_the_alignment() -> None:
@@ -423,3 +431,54 @@ def test_kd_steps_lower_the_aligned_loss_across_families(loss: str) -> None:
         optimizer.step()
         losses.append(float(value.detach()))
     assert batch.spans > 100 and losses[-1] < 0.9 * losses[0], losses
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The teacher signal of a training run.
+
+
+def test_teacher_signal_retokenises_the_student_batch() -> None:
+    teacher_model, teacher_tok = build_tiny_model("tiny-qwen-xs", seed=0)
+    student_tok = sentencepiece_tokenizer()
+    texts = [ADVERSARIAL[0], "Mia has 4 cups. 東京!"]
+    encoded = [student_tok(t)["input_ids"] for t in texts]
+    width = max(map(len, encoded))
+    ids = torch.tensor([e + [student_tok.pad_token_id] * (width - len(e)) for e in encoded])  # right padded
+    attention = torch.tensor([[1] * len(e) + [0] * (width - len(e)) for e in encoded])
+    teacher = CrossTokenizerTeacher(teacher_model, teacher_tok, student_tok, len(student_tok), len(teacher_tok))
+    signal = teacher(ids, attention)
+    own = [align_text(t, student_tok, teacher_tok) for t in texts]
+    for b, (s_ids, t_ids, alignment) in enumerate(own):
+        assert signal.teacher_input_ids[b, : len(t_ids)].tolist() == t_ids  # the teacher's own encoding of the text
+        assert [(x.student, x.teacher) for x in signal.alignments[b].spans] == [
+            (x.student, x.teacher) for x in alignment.spans]
+    student_logits = torch.randn(*ids.shape, len(student_tok), generator=torch.Generator().manual_seed(2))
+    kd_mask = attention.bool()
+    summed = xtok_kd_sum(student_logits, signal, kd_mask, "xtok_kl", 2.0, True, "token_mean")
+    with torch.no_grad():
+        t_logits = teacher_model(input_ids=signal.teacher_input_ids, attention_mask=(signal.teacher_input_ids !=
+                                                                                     teacher_tok.pad_token_id)).logits
+    vocab = shared_vocabulary(token_spelling(student_tok), token_spelling(teacher_tok), len(student_tok),
+                              len(teacher_tok))
+    batch = aligned_batch([a for _, _, a in own], ids, signal.teacher_input_ids, kd_mask)
+    expected = xtok_loss_parts(student_logits, t_logits, batch, vocab, "xtok_kl", 2.0).mean()
+    assert float(summed) / int(kd_mask.sum()) == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_sampled_ids_are_retokenised_for_the_teacher() -> None:
+    student_tok, teacher_tok = tiny_tokenizer(), sentencepiece_tokenizer()
+    byte_token = {byte: student_tok.convert_tokens_to_ids(char) for byte, char in _bytes_to_unicode().items()}
+    text = "Mia has 12 cups 🙂"
+    sampled = [byte_token[b] for b in text.encode()]  # one token per byte: not the student's own encoding
+    teacher_model, _ = build_tiny_model("tiny-qwen-xs", seed=0)
+    teacher_model.resize_token_embeddings(len(teacher_tok))
+    teacher = CrossTokenizerTeacher(teacher_model, teacher_tok, student_tok, len(student_tok), len(teacher_tok))
+    signal = teacher(torch.tensor([sampled]), torch.ones(1, len(sampled), dtype=torch.long))
+    assert signal.teacher_input_ids[0].tolist() == teacher_tok(text)["input_ids"]  # BOS first, then the text
+    assert signal.logits is not None and signal.logits.shape[:2] == signal.teacher_input_ids.shape
+    covered = [i for span in signal.alignments[0].spans for i in range(*span.student)]
+    assert covered == list(range(len(sampled)))
+    broken = sampled[:-1] + [byte_token[b] for b in b"ok"]  # the emoji cut short: invalid UTF-8
+    signal = teacher(torch.tensor([broken]), torch.ones(1, len(broken), dtype=torch.long))
+    assert signal.teacher_input_ids[0, -1] == teacher_tok.convert_tokens_to_ids("k")
+    assert signal.alignments[0].spans[-1].student[1] == len(broken)

@@ -5,7 +5,9 @@
   and re-tokenisation of student ids (GKD samples) for the teacher;
 - ``batch``: a batch of alignments flattened into the positions the losses gather;
 - ``loss``: ``xtok_kl`` (exact KL on the shared vocabulary, one tail bucket per side) and ``uld`` (sorted-probability
-  L1), chunked over spans, on logits or fused with the LM heads.
+  L1), chunked over spans, on logits or fused with the LM heads;
+- ``signal``: the teacher signal of a training run (the student's batch, or GKD's samples, re-tokenised for the
+  teacher) and the KD term the trainer adds.
 
 Layer: above ``losses`` and ``fused``, below ``cache`` and ``train``.
 """
@@ -20,6 +22,7 @@ from .align import (
 )
 from .batch import AlignedBatch, SideIndex, aligned_batch
 from .loss import XTOK_LOSS_NAMES, bucket_log_probs, xtok_fused_parts, xtok_loss_parts
+from .signal import CrossTokenizerSignal, CrossTokenizerTeacher, xtok_kd_sum
 from .vocab import SharedVocabulary, TokenSpelling, decoder_kind, shared_vocabulary, token_spelling
 
 __all__ = [
@@ -27,6 +30,8 @@ __all__ = [
     "AlignedBatch",
     "AlignedSpan",
     "Alignment",
+    "CrossTokenizerSignal",
+    "CrossTokenizerTeacher",
     "SharedVocabulary",
     "SideIndex",
     "TokenSpelling",
@@ -40,5 +45,6 @@ __all__ = [
     "shared_vocabulary",
     "token_spelling",
     "xtok_fused_parts",
+    "xtok_kd_sum",
     "xtok_loss_parts",
 ]

@@ -14,6 +14,7 @@ aligns like any token, merged with the other side's pieces of the same character
 from __future__ import annotations
 
 import bisect
+import codecs
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -158,8 +159,9 @@ def byte_offsets(text: str, ids: Sequence[int], char_offsets: Offsets, spelling:
     Tokens that split characters (byte-level BPE, SentencePiece byte fallback) all report the whole characters;
     when a run of such overlapping tokens writes exactly the bytes of the characters it covers, each gets the bytes
     it writes, in order, so two tokenizers that cut a character at the same byte still align there (one tokenizer on
-    both sides aligns 1:1 everywhere). A run that writes something else (SentencePiece's prepended '▁' before a
-    byte-fallback token) keeps the characters' range for every token: its inner boundaries are not clean."""
+    both sides aligns 1:1 everywhere); a prepended '▁' that only writes the space SentencePiece adds becomes a token
+    without text, as in :func:`retokenize_for_teacher`. A run that writes something else keeps the characters' range
+    for every token: its inner boundaries are not clean."""
     to_byte = _char_to_byte(text)
     out = [(to_byte[start], to_byte[max(start, end)]) for start, end in char_offsets]
     text_tokens = _text_tokens(char_offsets)
@@ -174,7 +176,10 @@ def byte_offsets(text: str, ids: Sequence[int], char_offsets: Offsets, spelling:
             continue
         widths = [len(spelling.text_bytes[int(ids[i])]) if int(ids[i]) < len(spelling) else 0 for i in run]
         first, last = to_byte[char_offsets[run[0]][0]], to_byte[max(char_offsets[i][1] for i in run)]
-        if sum(widths) == last - first and all(widths):
+        if (sum(widths) == last - first + 1 and spelling.text_bytes[int(ids[run[0]])].startswith(b" ")
+                and not text.encode("utf-8")[first:first + 1] == b" "):
+            widths[0] -= 1  # SentencePiece's prepended '▁' writes a space the text lacks: not text (as decoded)
+        if sum(widths) == last - first and all(widths[1:]):
             for i, width in zip(run, widths, strict=True):
                 out[i] = (first, first + width)
                 first += width
@@ -198,10 +203,11 @@ def align_text(
                                                    byte_offsets(text, teacher_ids, teacher_offsets, spellings[1]))
 
 
-def byte_offsets_of_ids(ids: Sequence[int], spelling: TokenSpelling, skip: frozenset[int] = frozenset()) -> list[
-        tuple[int, int]]:
+def byte_offsets_of_ids(ids: Sequence[int], spelling: TokenSpelling, skip: frozenset[int] = frozenset(),
+                        strip_leading_space: bool = False) -> list[tuple[int, int]]:
     """Byte offsets of a given id sequence (sampled text need not be the tokenizer's own encoding): each token covers
-    the bytes it writes; special tokens and ids in ``skip`` (padding) write nothing here."""
+    the bytes it writes; special tokens and ids in ``skip`` (padding) write nothing here. ``strip_leading_space``:
+    the first text token's leading space is not text (the '▁' SentencePiece prepends, which its decoder strips)."""
     offsets = []
     at = 0
     for token_id in ids:
@@ -210,9 +216,24 @@ def byte_offsets_of_ids(ids: Sequence[int], spelling: TokenSpelling, skip: froze
             offsets.append((at, at))
             continue
         width = len(spelling.text_bytes[token_id])
+        if strip_leading_space and at == 0 and spelling.text_bytes[token_id].startswith(b" "):
+            width -= 1
+            strip_leading_space = False
         offsets.append((at, at + width))
         at += width
     return offsets
+
+
+def _decoded_positions(raw: bytes) -> list[int]:
+    """For every position in ``raw``, the position in the UTF-8 of ``raw.decode(errors="replace")`` reached after
+    its bytes so far (a character not yet complete maps to where it will start): monotone, so token offsets keep
+    their order, and a token holding only part of a character becomes zero-width (it only conditions)."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    out, written = [0], 0
+    for k in range(len(raw)):
+        written += len(decoder.decode(raw[k : k + 1], final=k + 1 == len(raw)).encode("utf-8"))
+        out.append(written)
+    return out
 
 
 def retokenize_for_teacher(
@@ -222,16 +243,22 @@ def retokenize_for_teacher(
     teacher_spelling: TokenSpelling,
     skip: frozenset[int] = frozenset(),
     teacher_prefix_ids: Sequence[int] = (),
+    strip_leading_space: bool = False,
 ) -> tuple[list[int], Alignment]:
     """The teacher's tokens for the text a student id sequence writes (GKD's on-policy samples, or any student
     batch row), and the alignment, in byte offsets. The text is the student's bytes decoded as UTF-8 (an invalid
     sequence becomes U+FFFD; the boundaries after it then merge up to the next clean one). ``teacher_prefix_ids``
-    (e.g. the teacher's BOS) are put first, without text."""
-    offsets = byte_offsets_of_ids(student_ids, student_spelling, skip)
+    (e.g. the teacher's BOS) are put first, without text. ``strip_leading_space``: see :func:`byte_offsets_of_ids`
+    (for a SentencePiece student)."""
+    offsets = byte_offsets_of_ids(student_ids, student_spelling, skip, strip_leading_space)
     text_bytes = b"".join(
-        student_spelling.text_bytes[int(i)] for i, (a, b) in zip(student_ids, offsets, strict=True) if b > a
+        student_spelling.text_bytes[int(i)][len(student_spelling.text_bytes[int(i)]) - (b - a):]
+        for i, (a, b) in zip(student_ids, offsets, strict=True) if b > a
     )
     text = text_bytes.decode("utf-8", errors="replace")
+    if text.encode("utf-8") != text_bytes:  # invalid UTF-8 (a sampled byte token alone): offsets into the text
+        to_text = _decoded_positions(text_bytes)
+        offsets = [(to_text[a], to_text[b]) for a, b in offsets]
     teacher_ids, teacher_char_offsets = _encode_with_offsets(teacher_tokenizer, text, add_special_tokens=False)
     teacher_offsets = byte_offsets(text, teacher_ids, teacher_char_offsets, teacher_spelling)
     prefix = [(0, 0)] * len(teacher_prefix_ids)

@@ -1,0 +1,114 @@
+"""The teacher signal of a cross-tokenizer run: the student's batch re-tokenised for the teacher, the teacher's
+logits on its own tokens, and the alignment that the loss compares them through.
+
+``CrossTokenizerTeacher`` is a ``kdscope.teacher.TeacherSignal`` (called with the student's input ids and attention
+mask), so the trainer calls it as any teacher, on the data's batches and on GKD's on-policy samples alike: whatever
+ids the student holds are spelled out as text (``retokenize_for_teacher``) and encoded by the teacher's tokenizer.
+The teacher itself runs through ``kdscope.teacher.OnlineTeacher`` (dense), which brings its noise ablation, the base
+teacher (adapter off), the finiteness check and the resumable noise generator unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from kdscope.errors import InputError
+from kdscope.losses import Reduction
+from kdscope.teacher import OnlineTeacher, TeacherOutput
+
+from .align import Alignment, retokenize_for_teacher
+from .batch import aligned_batch
+from .loss import xtok_loss_parts
+from .vocab import SharedVocabulary, TokenSpelling, decoder_kind, shared_vocabulary, token_spelling
+
+
+@dataclass(frozen=True)
+class CrossTokenizerSignal(TeacherOutput):
+    """Dense teacher ``logits`` [batch, teacher seq, teacher vocab] on the teacher's own tokens (right padded), the
+    student ids they were made from, one alignment per row and where each row's tokens start in the padded rows."""
+
+    student_input_ids: Tensor | None = None
+    teacher_input_ids: Tensor | None = None
+    alignments: tuple[Alignment, ...] = ()
+    student_starts: tuple[int, ...] = ()
+    vocab: SharedVocabulary | None = None
+
+
+def _prefix_ids(tokenizer: Any) -> list[int]:
+    """The ids the tokenizer puts before any text (a BOS), found by encoding one character."""
+    with_specials = tokenizer("a", add_special_tokens=True)["input_ids"]
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    if not plain:
+        return []
+    first = with_specials.index(plain[0]) if plain[0] in with_specials else 0
+    return list(with_specials[:first])
+
+
+class CrossTokenizerTeacher:
+    """A teacher whose tokenizer differs from the student's, queried on every batch."""
+
+    def __init__(self, model: torch.nn.Module, teacher_tokenizer: Any, student_tokenizer: Any, student_width: int,
+                 teacher_width: int, *, noise_sigma: float = 0.0, seed: int = 0, disable_adapter: bool = False,
+                 temperature: float = 1.0) -> None:
+        self.online = OnlineTeacher(model, noise_sigma=noise_sigma, seed=seed, disable_adapter=disable_adapter,
+                                    temperature=temperature)
+        self.teacher_tokenizer = teacher_tokenizer
+        self.student_spelling: TokenSpelling = token_spelling(student_tokenizer)
+        self.teacher_spelling: TokenSpelling = token_spelling(teacher_tokenizer)
+        self.vocab = shared_vocabulary(self.student_spelling, self.teacher_spelling, student_width, teacher_width)
+        self.prefix = _prefix_ids(teacher_tokenizer)
+        # the space of SentencePiece's prepended '▁' is not text: its decoder strips it, and so does the teacher's text
+        self.strip_leading_space = decoder_kind(student_tokenizer) == "sentencepiece"
+        pad = teacher_tokenizer.pad_token_id
+        self.pad_id = int(pad if pad is not None else teacher_tokenizer.eos_token_id)
+        self.device = self.online.device
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.online.state_dict()
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.online.load_state_dict(state)
+
+    def __call__(self, input_ids: Tensor, attention_mask: Tensor) -> CrossTokenizerSignal:
+        rows: list[list[int]] = []
+        alignments: list[Alignment] = []
+        starts: list[int] = []
+        for ids, attended in zip(input_ids.tolist(), attention_mask.bool().tolist(), strict=True):
+            kept = [i for i, keep in zip(ids, attended, strict=True) if keep]
+            teacher_ids, alignment = retokenize_for_teacher(kept, self.student_spelling, self.teacher_tokenizer,
+                                                            self.teacher_spelling, teacher_prefix_ids=self.prefix,
+                                                            strip_leading_space=self.strip_leading_space)
+            rows.append(teacher_ids)
+            alignments.append(alignment)
+            starts.append(attended.index(True) if True in attended else 0)  # left padding before the row's tokens
+        width = max(1, max(map(len, rows)))
+        teacher_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        teacher_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for b, row in enumerate(rows):
+            teacher_ids[b, : len(row)] = torch.tensor(row, dtype=torch.long)
+            teacher_mask[b, : len(row)] = 1
+        logits = self.online.teacher_logits(teacher_ids.to(self.device), teacher_mask.to(self.device))
+        return CrossTokenizerSignal(logits=logits, temperature=self.online.temperature,
+                                    student_input_ids=input_ids.detach().cpu(), teacher_input_ids=teacher_ids,
+                                    alignments=tuple(alignments), student_starts=tuple(starts), vocab=self.vocab)
+
+
+def xtok_kd_sum(student_logits: Tensor, signal: CrossTokenizerSignal, kd_mask: Tensor, loss: str,
+                temperature: float, scale_by_t2: bool, reduction: Reduction) -> Tensor:
+    """The cross-tokenizer KD term of a micro-batch as the trainer's ``_kd_sum`` returns it: a sum that the trainer
+    divides by its window's units. The units it counts are the student's masked positions (or sequences); the sum is
+    rescaled from aligned spans to those units, so a window of one micro-batch gets exactly the mean over its spans.
+    ``kd_mask`` marks student positions as ``losses.kd_token_mask`` does (position t predicts token t+1)."""
+    if signal.student_input_ids is None or signal.teacher_input_ids is None or signal.logits is None:
+        raise InputError("a cross-tokenizer loss needs the signal of kdscope.xtok.CrossTokenizerTeacher")
+    batch = aligned_batch(signal.alignments, signal.student_input_ids, signal.teacher_input_ids, kd_mask.cpu(),
+                          student_starts=signal.student_starts, reduction=reduction)
+    parts = xtok_loss_parts(student_logits, signal.logits, batch, signal.vocab, loss, temperature, scale_by_t2)
+    mask = kd_mask.to(torch.bool)
+    units = int(mask.sum()) if reduction == "token_mean" else int((mask.sum(-1) > 0).sum())
+    return parts.total * (units / parts.count) if parts.count else parts.total
