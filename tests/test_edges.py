@@ -141,6 +141,13 @@ def test_out_naming_an_existing_file(tmp_path: Path, command: str) -> None:
     assert taken.read_text() == "keep me\n"
 
 
+def test_out_inside_a_file(tmp_path: Path) -> None:
+    taken = tmp_path / "notes.txt"
+    taken.write_text("keep me\n")
+    refused(invoke(["train", "sft", "--model", "builtin:tiny-qwen-xs", "--data", "synthetic:math:4",
+                    "--out", str(taken / "run")]), "--out", str(taken), "is a file")
+
+
 def test_full_finetuning_of_a_gguf_model(tmp_path: Path, tiny_gguf: Path) -> None:
     """transformers marks a GGUF-loaded model as quantized, so saving the fully trained weights failed (and left
     ``final.tmp`` behind). The weights are dequantized at load: the model saves and reloads as a plain folder."""

@@ -40,7 +40,8 @@ def user_errors(fn: F) -> F:
             raise typer.Exit(2) from None
         except (FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError) as e:
             # a path given on the command line that is of the wrong kind (a file where a folder goes, ...)
-            typer.echo(f"error: {e.filename}: {e.strerror}; check the paths given on the command line", err=True)
+            typer.echo(f"error: {e.filename or 'a path'}: {e.strerror or e}; check the paths given on the command line",
+                       err=True)
             raise typer.Exit(2) from None
 
     return wrapper  # type: ignore[return-value]
@@ -50,6 +51,9 @@ def output_folder(path: Path, option: str = "--out") -> Path:
     """Refuse an output folder that names an existing file before any work starts (and never overwrite the file)."""
     if path.exists() and not path.is_dir():
         raise InputError(f"{option} {path}: is a file; give a folder (new or from an earlier run)")
+    blocking = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise InputError(f"{option} {path}: {blocking} is a file, so no folder can be made inside it")
     return path
 
 
