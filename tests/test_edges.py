@@ -236,6 +236,14 @@ def test_kd_options_are_named_as_typed(tmp_path: Path, option: str, value: str, 
     assert "--kd-weight" not in line and "--:" not in line and "--lmbda" not in line
 
 
+@pytest.mark.parametrize("option, value", [("--batch-size", "0"), ("--max-new-tokens", "0")])
+def test_eval_generation_options_are_checked(tmp_path: Path, option: str, value: str) -> None:
+    data = tmp_path / "boolq.json"
+    data.write_text(json.dumps([{"instruction": "q", "answer": "true", "output": "true"}]))
+    refused(invoke(["eval", "--model", "builtin:tiny-qwen-xs", "--tasks", "boolq", "--data", str(data),
+                    "--out", str(tmp_path / "o"), option, value]), option, "greater than or equal to 1")
+
+
 @pytest.mark.parametrize("content", ["[]", ""])
 def test_empty_training_file_says_no_rows(tmp_path: Path, content: str) -> None:
     data = tmp_path / "train.json"

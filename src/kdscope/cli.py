@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Callable, Optional, Sequence, TypeVar
 
 import typer
+from pydantic import ValidationError
 
 from . import __version__
 from .errors import InputError, one_line
@@ -136,8 +137,6 @@ _LORA_HELP = "Train LoRA adapters (the study's r=8, alpha=16, dropout 0.05, q/k/
 
 
 def _settings(objective: str, **fields: object) -> "TrainSettings":
-    from pydantic import ValidationError
-
     from .train import TrainSettings
 
     values = {k: v for k, v in fields.items() if v is not None}
@@ -536,7 +535,10 @@ def eval_cmd(
         loaded = {name: load_task(name, data, limit=limit) for name in names}
     except KeyError as e:
         raise InputError(str(e.args[0])) from None
-    settings = generation_preset(preset, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    try:
+        settings = generation_preset(preset, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    except ValidationError as e:
+        raise one_line(e, name=_option_name) from None
     generator = make_generator(model, adapter, "hf" if mode == "loglik" else backend, dtype, device)  # type: ignore[arg-type]
     summaries = []
     for name, examples in loaded.items():

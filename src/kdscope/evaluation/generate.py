@@ -67,7 +67,9 @@ def generation_preset(name: str = "greedy", **overrides: Any) -> GenerationSetti
     """A named preset with optional field overrides, e.g. ``generation_preset("study", max_new_tokens=64)``."""
     if name not in PRESETS:
         raise InputError(f"unknown generation preset {name!r}; use one of {', '.join(PRESETS)}")
-    return PRESETS[name].model_copy(update={k: v for k, v in overrides.items() if v is not None})
+    # validated again: model_copy(update=...) would let a batch size of 0 through to the generation loop
+    given = {k: v for k, v in overrides.items() if v is not None}
+    return GenerationSettings.model_validate({**PRESETS[name].model_dump(), **given})
 
 
 def cut_at_stop(text: str, stop_strings: Sequence[str]) -> str:
