@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from kdscope.cli import app
 from kdscope.study import Study, StudyStore, expand, run_study
-from kdscope.study.tables import export_tables, study_tables
+from kdscope.study.tables import export_tables, report_from_store, study_tables
 
 TWO_METHODS = {
     "name": "rows", "device": "cpu",
@@ -101,7 +101,7 @@ def test_exports_follow_the_design_just_run(tmp_path: Path) -> None:
         "name": "micro", "seeds": [3], "device": "cpu", "threads": 1,
         "families": TWO_METHODS["families"],
         "domains": [{"name": "commonsense", "train": "synthetic:commonsense:30", "tasks": [{"task": "toy_truefalse"}]}],
-        "methods": ["SeqKD"], "temperatures": [1.0],
+        "kd_runs": [{"methods": ["SeqKD"], "temperatures": [1.0]}],
         "pretrain": {"steps": {}},
         "training": {"lora": None, "common": {"prompt_style": "alpaca", "val_size": 8, "max_length": 96,
                                               "micro_batch_size": 4, "grad_accum": 1, "warmup_steps": 1,
@@ -119,3 +119,5 @@ def test_exports_follow_the_design_just_run(tmp_path: Path) -> None:
     assert [j.kind for j in expand(Study(**micro)) if j.key in again.ran] == ["analysis"]
     assert not (root / "math_results.csv").exists()
     assert {name: (root / name).read_bytes() for name in first} == first
+    # the folder's study.json reads back as the study that ran (kd_runs and all): the report renders from it
+    assert report_from_store(root, tmp_path / "again.html").is_file()

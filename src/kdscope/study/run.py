@@ -35,7 +35,8 @@ def run_study(study: Study, out: str | Path | None = None, progress: bool = True
     again = jobs_to_redo(jobs, redo)
     root = study_dir(study, out)
     root.mkdir(parents=True, exist_ok=True)
-    (root / "study.json").write_text(study.model_dump_json(indent=1))
+    # as written (unset keys left out), so that reading it back is the same study, kd_runs and all
+    (root / "study.json").write_text(study.model_dump_json(indent=1, exclude_unset=True))
     store = StudyStore(root / "study.sqlite")
     for job in again:
         if store.status(job.key) is not None:
