@@ -122,6 +122,16 @@ def test_broken_gguf_on_the_command_line(tmp_path: Path, tiny_gguf: Path) -> Non
             str(bad), "not a valid GGUF")
 
 
+@pytest.mark.parametrize("content", [{}, {"config.json": "{oops"}, {"config.json": "{}", "tokenizer.json": "[]"}])
+def test_a_folder_that_is_no_model(tmp_path: Path, content: dict[str, str]) -> None:
+    folder = tmp_path / "model"
+    folder.mkdir()
+    for name, text in content.items():
+        (folder / name).write_text(text)
+    refused(invoke(["train", "sft", "--model", str(folder), "--data", "synthetic:math:4", "--out", str(tmp_path / "o")]),
+            str(folder), "cannot load")
+
+
 @pytest.mark.parametrize("command", ["run", "train sft", "train kd", "eval"])
 def test_out_naming_an_existing_file(tmp_path: Path, command: str) -> None:
     from kdscope.study import builtin_study

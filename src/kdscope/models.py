@@ -249,8 +249,13 @@ def load_model(
         if path.suffix == ".gguf":
             model, tok = _load_gguf(path, kwargs)
         else:
-            tok = load_tokenizer(ref, trust_remote_code)
-            model = AutoModelForCausalLM.from_pretrained(str(path) if path.exists() else ref, **kwargs)
+            try:
+                tok = load_tokenizer(ref, trust_remote_code)
+                model = AutoModelForCausalLM.from_pretrained(str(path) if path.exists() else ref, **kwargs)
+            except (OSError, ValueError, TypeError, KeyError) as e:  # no model folder, a garbled one, offline hub id
+                first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+                raise InputError(f"model {ref}: cannot load it ({first}); give a folder in the HF format (config.json, "
+                                 "weights, tokenizer files), a .gguf file, a cached hub id or builtin:<name>") from None
         if model.generation_config.pad_token_id is None:
             model.generation_config.pad_token_id = tok.pad_token_id
     if adapter is not None:
