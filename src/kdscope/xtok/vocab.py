@@ -152,10 +152,7 @@ def shared_vocabulary(
     shared = len(order)
 
     def buckets(spelling: TokenSpelling, width: int) -> Tensor:
-        out = torch.full((width,), shared, dtype=torch.long)
-        for token_id, key in enumerate(spelling.keys[:width]):
-            if key is not None and key in order:
-                out[token_id] = order[key]
-        return out
+        found = [shared if key is None else order.get(key, shared) for key in spelling.keys[:width]]
+        return torch.tensor(found + [shared] * (width - len(found)), dtype=torch.long)
 
     return SharedVocabulary(buckets(student, student_width), buckets(teacher, teacher_width), shared)
