@@ -342,3 +342,14 @@ def test_one_line_translates_pydantic_errors() -> None:
     with pytest.raises(ValidationError) as info:
         Outer.model_validate({"inner": {"steps": 0}})
     assert str(one_line(info.value, name=lambda loc: "--" + str(loc[-1]))).startswith("--steps: Input should be")
+
+
+def test_a_folder_that_is_no_saved_dataset(tmp_path: Path) -> None:
+    from kdscope.data import load_task
+
+    folder = tmp_path / "boolq_hf"
+    folder.mkdir()
+    (folder / "dataset_info.json").write_text("{}")  # looks like a save_to_disk folder, holds no data
+    with pytest.raises(InputError, match="cannot load the dataset") as info:
+        load_task("boolq", folder)
+    assert str(folder) in str(info.value) and "\n" not in str(info.value)

@@ -234,13 +234,18 @@ def load_hf_task(task_name: str, source: str, split: str = "validation") -> list
     import datasets
 
     path = Path(source)
-    if path.is_dir():
-        ds = datasets.load_from_disk(str(path))
-        if isinstance(ds, datasets.DatasetDict):
-            ds = ds[split if split in ds else next(iter(ds))]
-    else:  # hub id; needs network
-        name, _, config = source.partition(":")
-        ds = datasets.load_dataset(name, config or None, split=split if split != "test" else "validation")
+    try:
+        if path.is_dir():
+            ds = datasets.load_from_disk(str(path))
+            if isinstance(ds, datasets.DatasetDict):
+                ds = ds[split if split in ds else next(iter(ds))]
+        else:  # hub id; needs network
+            name, _, config = source.partition(":")
+            ds = datasets.load_dataset(name, config or None, split=split if split != "test" else "validation")
+    except (OSError, ValueError, KeyError) as e:  # not a save_to_disk folder, a garbled one, offline, no such split
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise InputError(f"{source}: cannot load the dataset ({first}); give a save_to_disk folder, a cached hub id, "
+                         "the study's dataset folder or a JSON/JSONL file") from None
     return convert_hf_rows(task_name, ds, source)
 
 
