@@ -170,8 +170,11 @@ class _XtokLoss(torch.autograd.Function):
         inputs = [student, weight, bias]
         wanted = [x is not None and ctx.needs_input_grad[i] for i, x in enumerate(inputs)]
         compute = torch.promote_types(student.dtype, torch.float32)
-        accumulate = [None if not w else torch.zeros(x.shape, dtype=compute, device=x.device)
-                      for w, x in zip(wanted, inputs, strict=True)]
+        # the logits' gradient in their own dtype (as kdscope.losses keeps it: each row is written once); head
+        # gradients summed over chunks in float32 or wider (as kdscope.fused)
+        accumulate = [None if not w else torch.zeros(x.shape, dtype=student.dtype if i == 0 and weight is None
+                                                     else compute, device=x.device)
+                      for i, (w, x) in enumerate(zip(wanted, inputs, strict=True))]
         total = torch.zeros((), dtype=compute, device=student.device)
         s = plan.batch.student
         for r0, r1 in plan.chunks:
@@ -196,7 +199,7 @@ class _XtokLoss(torch.autograd.Function):
                         continue
                     grad = next(grads)
                     if i == 0:
-                        accumulate[0].index_put_(index, grad.to(compute), accumulate=True)
+                        accumulate[0].index_put_(index, grad.to(accumulate[0].dtype), accumulate=True)
                     else:
                         accumulate[i].add_(grad.to(compute))
             total += chunk_total.detach()
