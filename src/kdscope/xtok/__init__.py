@@ -22,7 +22,7 @@ from .align import (
 )
 from .batch import AlignedBatch, SideIndex, aligned_batch
 from .loss import XTOK_LOSS_NAMES, bucket_log_probs, xtok_fused_parts, xtok_loss_parts
-from .signal import CrossTokenizerSignal, CrossTokenizerTeacher, xtok_kd_sum
+from .signal import CrossTokenizerSignal, CrossTokenizerTeacher, cross_tokenizer_teacher, xtok_kd_sum
 from .vocab import SharedVocabulary, TokenSpelling, decoder_kind, shared_vocabulary, token_spelling
 
 __all__ = [
@@ -39,6 +39,7 @@ __all__ = [
     "align_text",
     "aligned_batch",
     "bucket_log_probs",
+    "cross_tokenizer_teacher",
     "byte_offsets_of_ids",
     "decoder_kind",
     "retokenize_for_teacher",

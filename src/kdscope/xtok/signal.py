@@ -19,7 +19,7 @@ from torch import Tensor
 
 from kdscope.errors import InputError
 from kdscope.losses import Reduction
-from kdscope.teacher import OnlineTeacher, TeacherOutput
+from kdscope.teacher import OnlineTeacher, TeacherOutput, logit_width
 
 from .align import Alignment, retokenize_for_teacher
 from .batch import aligned_batch
@@ -96,6 +96,26 @@ class CrossTokenizerTeacher:
         return CrossTokenizerSignal(logits=logits, temperature=self.online.temperature,
                                     student_input_ids=input_ids.detach().cpu(), teacher_input_ids=teacher_ids,
                                     alignments=tuple(alignments), student_starts=tuple(starts), vocab=self.vocab)
+
+
+def cross_tokenizer_teacher(settings: Any, teacher_model: torch.nn.Module | None, teacher_tokenizer: Any,
+                            student_tokenizer: Any, student_width: int, teacher_width: int | None = None,
+                            cached: bool = False) -> CrossTokenizerTeacher:
+    """The teacher signal of a run whose loss is ``xtok_kl`` or ``uld`` (``settings``: its ``teacher_topk``,
+    ``noise_sigma``, ``seed``, ``base_teacher`` and ``temperature``, as TrainSettings has them)."""
+    loss = getattr(settings, "loss", "xtok_kl")
+    if cached:
+        raise InputError(f"loss {loss} compares the teacher on its own tokens, which a teacher cache (top-k ids of "
+                         "the student's vocabulary) does not hold: run it without the cache")
+    if settings.teacher_topk is not None:
+        raise InputError(f"teacher top-k {settings.teacher_topk}: loss {loss} needs the teacher's whole "
+                         "distribution on its own vocabulary; drop the teacher top-k")
+    if teacher_model is None:
+        raise InputError(f"loss {loss} needs the teacher model online")
+    return CrossTokenizerTeacher(teacher_model, teacher_tokenizer, student_tokenizer, student_width,
+                                 teacher_width or logit_width(teacher_model), noise_sigma=settings.noise_sigma,
+                                 seed=settings.seed, disable_adapter=settings.base_teacher,
+                                 temperature=settings.temperature)
 
 
 def xtok_kd_sum(student_logits: Tensor, signal: CrossTokenizerSignal, kd_mask: Tensor, loss: str,
