@@ -428,3 +428,31 @@ def test_kd_steps_from_smollm2_into_a_qwen_tokenizer_student(smollm2_tokenizer: 
         optimizer.step()
         values.append(float(value.detach()))
     assert batch.spans > 30 and values[-1] < 0.8 * values[0], values
+
+
+def test_cli_train_kd_across_tokenizers(tmp_path: Path) -> None:
+    """`kdscope train kd` with a student on another tokenizer: refused with the way out by default, trained with
+    --loss xtok_kl (off-policy) and --loss uld under GKD (the student's own samples re-tokenised for the teacher)."""
+    from transformers import AutoModelForCausalLM
+    from typer.testing import CliRunner
+
+    from kdscope.cli import app
+    from kdscope.models import save_model
+
+    tok = sentencepiece_tokenizer()
+    torch.manual_seed(0)
+    student = AutoModelForCausalLM.from_config(tiny_config("tiny-llama-s", len(tok), tok.eos_token_id,
+                                                           tok.pad_token_id))
+    save_model(student, tok, tmp_path / "student")
+    common = ["train", "kd", "--student", str(tmp_path / "student"), "--teacher", "builtin:tiny-qwen-xs", "--data",
+              "synthetic:math:8", "--max-steps", "2", "--val-size", "0", "--micro-batch-size", "2", "--grad-accum",
+              "1", "--max-length", "64", "--device", "cpu"]
+    runner = CliRunner()
+    refused = runner.invoke(app, [*common, "--out", str(tmp_path / "refused")])
+    assert refused.exit_code == 2 and "--loss xtok_kl or --loss uld" in refused.output, refused.output
+    for objective, loss in (("kd", "xtok_kl"), ("gkd", "uld")):
+        result = runner.invoke(app, [*common, "--objective", objective, "--loss", loss, "--lambda", "1",
+                                     "--out", str(tmp_path / loss)] if objective == "gkd" else
+                               [*common, "--loss", loss, "--temperature", "2", "--out", str(tmp_path / loss)])
+        assert result.exit_code == 0, result.output
+        assert "trained 2 steps" in result.output

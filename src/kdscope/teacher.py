@@ -88,7 +88,8 @@ def check_same_tokenizer(teacher_tokenizer: _Vocabulary, student_tokenizer: _Voc
         )
         raise InputError(
             f"teacher and student tokenizers differ on {len(differing)} of {shared} shared ids ({examples}): "
-            "distillation needs one tokenizer; pick a teacher and student of the same model family"
+            "distillation on token ids needs one tokenizer; pick a teacher and student of the same model family, "
+            "or distil across tokenizers with --loss xtok_kl or --loss uld"
         )
 
 

@@ -25,6 +25,7 @@ import torch
 
 from ..errors import InputError
 from ..teacher import OnlineTeacher, TeacherSignal, common_vocab_width, logit_width
+from ..xtok import XTOK_LOSS_NAMES, cross_tokenizer_teacher
 from .cached_teacher import CachedTeacher
 from .store import TeacherCache
 
@@ -63,6 +64,9 @@ def build_teacher_signal(
         teacher_width = logit_width(teacher_model)
     if settings.objective not in DISTILLING_OBJECTIVES:
         return None
+    if getattr(settings, "loss", None) in XTOK_LOSS_NAMES:  # teacher and student tokenizers may differ
+        return cross_tokenizer_teacher(settings, teacher_model, teacher_tokenizer, student_tokenizer, student_width,
+                                       teacher_width, cached=cache is not None)
     use_cache = cache is not None and settings.noise_sigma == 0
     if use_cache:
         assert cache is not None

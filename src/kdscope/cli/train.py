@@ -118,12 +118,12 @@ def train_sft_cmd(
 @user_errors
 def train_kd_cmd(
     student: str = typer.Option(..., "--student", help="Student model: hub id, folder, .gguf or builtin:<name>."),
-    teacher: str = typer.Option(..., "--teacher", help="Teacher base model (same tokenizer as the student)."),
+    teacher: str = typer.Option(..., "--teacher", help="Teacher base model (same tokenizer as the student, or any with --loss xtok_kl / uld)."),
     teacher_adapter: Optional[Path] = typer.Option(None, help="Teacher's LoRA adapter folder (from `train sft`)."),
     data: str = typer.Option(..., "--data", help="Training data: study JSON/JSONL with 'output', or synthetic:<domain>[:n]."),
     out: Path = typer.Option(..., "--out", help="Output folder."),
     objective: str = typer.Option("kd", help="kd (off-policy logits), gkd (on-policy mix), seqkd (teacher responses)."),
-    loss: Optional[str] = typer.Option(None, help="forward_kl (SeqKD), reverse_kl (RevKD), jsd (GKD), skew_forward_kl, skew_reverse_kl, tvd; default forward_kl for kd, jsd for gkd."),
+    loss: Optional[str] = typer.Option(None, help="forward_kl (SeqKD), reverse_kl (RevKD), jsd (GKD), skew_forward_kl, skew_reverse_kl, tvd; default forward_kl for kd, jsd for gkd. A teacher with another tokenizer: xtok_kl or uld."),
     temperature: Optional[float] = typer.Option(None, help="Logit temperature T (loss scaled by T^2); kd only (the study's GKD uses none)."),
     weight: Optional[float] = typer.Option(None, "--weight", help="w in (1-w)*CE + w*KD (default 1, the study's)."),
     beta: Optional[float] = typer.Option(None, help="JSD beta (default 0.5)."),

@@ -22,6 +22,7 @@ from ..errors import InputError
 from ..losses import cross_entropy_parts, distill_loss_parts, distill_loss_sparse, student_objective
 from ..prompts import Encoded
 from ..teacher import TeacherOutput, align_vocab
+from ..xtok import CrossTokenizerSignal, xtok_kd_sum
 from .batches import Batch, collate
 from .settings import TrainSettings
 
@@ -78,6 +79,9 @@ def batch_loss(student: Any, batch: Batch, settings: TrainSettings, teacher: Tea
 
 def _kd_sum(logits: torch.Tensor, signal: TeacherOutput, mask: torch.Tensor, settings: TrainSettings) -> torch.Tensor:
     """Sum of the KD divergence over the micro-batch's units, from a dense or a top-k teacher signal."""
+    if isinstance(signal, CrossTokenizerSignal):  # another tokenizer (--loss xtok_kl / uld): aligned spans
+        return xtok_kd_sum(logits, signal, mask, str(settings.loss), settings.temperature, settings.scale_by_t2,
+                           settings.resolved_reduction)
     kw: dict[str, Any] = dict(loss=settings.loss, temperature=settings.temperature, beta=settings.beta,
                               alpha=settings.alpha, scale_by_t2=settings.scale_by_t2,
                               reduction=settings.resolved_reduction)

@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 
 from ..losses import LOSS_NAMES
 from ..models import LoraSettings
+from ..xtok import XTOK_LOSS_NAMES
 
 Objective = Literal["sft", "kd", "gkd", "seqkd"]
 Reduction = Literal["token_mean", "sequence_mean"]
@@ -36,7 +37,8 @@ class TrainSettings(BaseModel):
 
     objective: Objective = "sft"
     loss: str | None = Field(None, description="KD divergence: forward_kl, reverse_kl, jsd, skew_forward_kl, "
-                             "skew_reverse_kl, tvd; default the study's: forward_kl (kd), jsd (gkd)")
+                             "skew_reverse_kl, tvd; default the study's: forward_kl (kd), jsd (gkd); a teacher with another "
+                             "tokenizer: xtok_kl (exact KL on the shared vocabulary) or uld (kdscope.xtok)")
     temperature: float = Field(1.0, gt=0, description="T: logits divided by T, loss times T^2 (kd only; the "
                                "study's GKD uses none)")
     kd_weight: float = Field(1.0, ge=0, le=1, description="w in (1-w)*CE + w*KD; the study used 1")
@@ -83,8 +85,8 @@ class TrainSettings(BaseModel):
     def _honoured(cls, value: Any, info: ValidationInfo) -> Any:
         """Refuse an option the objective would silently ignore (runs only on values given, not on defaults)."""
         objective, name = info.data.get("objective"), info.field_name
-        if name == "loss" and value is not None and value not in LOSS_NAMES:
-            raise ValueError(f"{value!r} is not one of {', '.join(LOSS_NAMES)}")
+        if name == "loss" and value is not None and value not in LOSS_NAMES + XTOK_LOSS_NAMES:
+            raise ValueError(f"{value!r} is not one of {', '.join(LOSS_NAMES + XTOK_LOSS_NAMES)}")
         default = cls.model_fields[str(name)].get_default(call_default_factory=True)
         if objective == "seqkd" and value != default:
             raise ValueError(f"objective seqkd trains on the teacher's responses with cross-entropy and cannot "
