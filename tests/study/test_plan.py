@@ -99,6 +99,36 @@ def test_plan_json_from_the_cli_offline_in_seconds(tmp_path: Path, monkeypatch: 
     assert text.exit_code == 0 and "jobs per kind:" in text.output and "kd 116" in text.output
 
 
+def test_plan_from_a_fresh_clone_without_the_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fresh clone has none of the study's data: --plan still shows the design, lists the missing inputs (every
+    key that names one) and warns once; a run refuses the same study with exit 2 before any job."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    res = CliRunner().invoke(app, ["run", str(PUBLISHED), "--plan", "--json"])
+    assert res.exit_code == 0, res.output + res.stderr
+    resolved = json.loads(res.stdout)
+    assert resolved["counts"]["kd"] == 116
+    assert {m["path"] for m in resolved["missing_inputs"]} == {
+        "data/math_10k.json", "data/commonsense_15k.json", "data/dataset", "data/hellaswag_validation"}
+    assert len(resolved["missing_inputs"]) == 2 + 14  # two training files, fourteen task data paths
+    assert "domains.math.train" in {m["where"] for m in resolved["missing_inputs"]}
+    warning = res.stderr.strip().splitlines()
+    assert len(warning) == 1 and "data/math_10k.json" in warning[0] and "refuses" in warning[0]
+    run = CliRunner().invoke(app, ["run", str(PUBLISHED), "--out", str(tmp_path / "out")])
+    assert run.exit_code == 2 and "domains.math.train: data/math_10k.json: no such file" in run.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_plan_still_refuses_an_input_that_exists_but_does_not_load(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    study_file = _published_inputs(tmp_path)
+    (tmp_path / "data" / "math_10k.json").write_text('[{"instruction": "no output"}]')
+    monkeypatch.chdir(tmp_path)
+    res = CliRunner().invoke(app, ["run", str(study_file), "--plan"])
+    assert res.exit_code == 2 and "domains.math.train" in res.output
+    assert len(res.output.strip().splitlines()) == 1
+
+
 def _micro(tmp_path: Path, **changes: object) -> Path:
     spec = {"name": "m", "families": [{"name": "f", "teachers": [{"name": "T-7B", "model": "builtin:tiny-qwen-s"},
                                                                   {"name": "T-3B", "model": "builtin:tiny-qwen-s"}],

@@ -47,8 +47,12 @@ def run_cmd(
         from ..study import load_study
         from ..study.run import plan, plan_text
 
-        resolved = plan(load_study(study))
+        resolved = plan(load_study(study, allow_missing_inputs=True))
         typer.echo(json.dumps(resolved, indent=1) if as_json else plan_text(resolved))
+        missing = sorted({m["path"] for m in resolved["missing_inputs"]})
+        if missing:  # the design is shown; a run would refuse these (the JSON plan names every key)
+            typer.echo(f"warning: {study}: not on this machine: {', '.join(missing)}; kdscope run refuses a study "
+                       "until they exist (paths are relative to the working folder)", err=True)
         return
     if as_json:
         raise InputError("--json: only with --plan (a run reports on the console and in its output folder)")

@@ -56,15 +56,16 @@ NOISE_MODEL = "N(0, sigma^2) added to every teacher logit, drawn afresh at each 
 
 
 def plan(study: Study) -> dict[str, Any]:
-    """Every job of the study with what it is and its resolved settings, plus counts per kind. Loads no model."""
+    """Every job of the study with what it is and its resolved settings, plus counts per kind. Loads no model.
+    Inputs that do not exist on this machine are listed under ``missing_inputs`` (a run would refuse them)."""
     check_training_settings(study)
-    check_inputs(study)
+    missing = check_inputs(study, allow_missing=True)
     jobs = expand(study)
     kinds = Counter(job.kind for job in jobs)
     described = [describe_job(job) for job in jobs]
     kd_runs = Counter((d["domain"], d["kd_method"], d["temperature"], d["ablation"]) for d in described
                       if d["kind"] == "kd")
-    return {"study": study.name, "counts": dict(sorted(kinds.items())), "jobs": described,
+    return {"study": study.name, "missing_inputs": missing, "counts": dict(sorted(kinds.items())), "jobs": described,
             "kd_runs": [{"domain": d, "kd_method": m, "temperature": t, "ablation": a, "pairs": n}
                         for (d, m, t, a), n in sorted(kd_runs.items())]}
 

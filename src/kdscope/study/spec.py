@@ -216,9 +216,20 @@ def check_training_settings(study: Study) -> None:
                         (f"training.{part} (with domains.{i}.training)", *loc))) from None
 
 
-def check_inputs(study: Study) -> None:
+def check_inputs(study: Study, *, allow_missing: bool = False) -> list[dict[str, str]]:
     """Every input the study names exists and loads: training files (and synthetic: sources), test data folders and
-    built-in model names. Runs before any job, so a bad input costs seconds, not a pretraining run."""
+    built-in model names. Runs before any job, so a bad input costs seconds, not a pretraining run.
+
+    With ``allow_missing`` (``--plan``: the design of a study whose data is elsewhere, e.g. the published example in a
+    fresh clone) a file or folder that does not exist is returned ({where, path, error}) instead of raised; one that
+    exists but does not load is still an error."""
+    missing: list[dict[str, str]] = []
+
+    def absent(where: str, path: str, message: str) -> None:
+        if not allow_missing:
+            raise InputError(f"{where}: {path}: {message}")
+        missing.append({"where": where, "path": path, "error": message})
+
     for family in study.families:
         for entry in (*family.teachers, *family.students):
             name = entry.model.removeprefix(BUILTIN_PREFIX)
@@ -231,8 +242,8 @@ def check_inputs(study: Study) -> None:
         sources += [(f"pretrain.extra_data.{i}", src) for i, src in enumerate(study.pretrain.extra_data)]
     for where, source in sources:
         if not source.startswith(SYNTHETIC_PREFIX) and not Path(source).is_file():
-            raise InputError(f"{where}: {source}: no such file; give a study JSON/JSONL file or "
-                             f"{SYNTHETIC_PREFIX}<math|commonsense>[:n]")
+            absent(where, source, f"no such file; give a study JSON/JSONL file or {SYNTHETIC_PREFIX}<math|commonsense>[:n]")
+            continue
         try:
             examples = load_training_data(source, seed=study.seeds[0])
         except InputError as e:
@@ -246,8 +257,9 @@ def check_inputs(study: Study) -> None:
                 if get_task(task.task).name not in GENERATORS:
                     raise InputError(f"{where}: needs a data: path (only built-in generated tasks can omit it)")
             elif not task.data.startswith("hf:") and not Path(task.data).exists():
-                raise InputError(f"{where}.data: {task.data}: no such file or folder; give the study's dataset "
-                                 "folder (<task>/test.json), a JSON/JSONL file or a save_to_disk folder")
+                absent(f"{where}.data", task.data, "no such file or folder; give the study's dataset folder "
+                       "(<task>/test.json), a JSON/JSONL file or a save_to_disk folder")
+    return missing
 
 
 # libyaml's safe loader when PyYAML was built with it: the same documents and error marks, ten times faster
@@ -267,9 +279,9 @@ def _yaml_position(error: yaml.YAMLError, text: str) -> str:
     return ""
 
 
-def load_study(path: str | Path) -> Study:
+def load_study(path: str | Path, *, allow_missing_inputs: bool = False) -> Study:
     """Parse and validate a study YAML and everything it names (training settings, data, built-in models); errors
-    name the key, the bad value and the fix."""
+    name the key, the bad value and the fix. ``allow_missing_inputs``: see ``check_inputs`` (for ``--plan``)."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: no such study file")
@@ -289,7 +301,7 @@ def load_study(path: str | Path) -> Study:
         raise one_line(e, str(path)) from None
     try:
         check_training_settings(study)
-        check_inputs(study)
+        check_inputs(study, allow_missing=allow_missing_inputs)
     except InputError as e:
         raise InputError(f"{path}: {e}") from None
     return study
