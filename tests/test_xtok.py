@@ -289,7 +289,7 @@ def test_bad_input_is_refused_in_one_line() -> None:
     ids, _, alignment = align_text("a b", tok, tok)
     batch = aligned_batch([alignment], torch.tensor([ids]), torch.tensor([ids]), torch.ones(1, len(ids), dtype=bool))
     logits = torch.zeros(1, len(ids), len(tok))
-    with pytest.raises(InputError, match="use one of xtok_kl, uld"):
+    with pytest.raises(InputError, match="use one of xtok_kl, xtok_reverse_kl, xtok_jsd, uld"):
         xtok_loss_parts(logits, logits, batch, None, "forward_kl")
     with pytest.raises(InputError, match="needs the shared vocabulary"):
         xtok_loss_parts(logits, logits, batch, None, "xtok_kl")

@@ -4,7 +4,8 @@
 - ``align``: alignment of two tokenisations of one text by offsets (spans, 1:1 or merged), masks mapped through it,
   and re-tokenisation of student ids (GKD samples) for the teacher;
 - ``batch``: a batch of alignments flattened into the positions the losses gather;
-- ``loss``: ``xtok_kl`` (exact KL on the shared vocabulary, one tail bucket per side) and ``uld`` (sorted-probability
+- ``loss``: ``xtok_kl`` (exact KL on the shared vocabulary, one tail bucket per side; ``xtok_reverse_kl`` and
+  ``xtok_jsd`` the same outcomes in the reverse direction and with the JSD) and ``uld`` (sorted-probability
   L1), chunked over spans, on logits or fused with the LM heads;
 - ``signal``: the teacher signal of a training run (the student's batch, or GKD's samples, re-tokenised for the
   teacher) and the KD term the trainer adds.
@@ -21,11 +22,12 @@ from .align import (
     retokenize_for_teacher,
 )
 from .batch import AlignedBatch, SideIndex, aligned_batch
-from .loss import XTOK_LOSS_NAMES, bucket_log_probs, xtok_fused_parts, xtok_loss_parts
+from .loss import XTOK_DIVERGENCES, XTOK_LOSS_NAMES, bucket_log_probs, xtok_fused_parts, xtok_loss_parts
 from .signal import CrossTokenizerSignal, CrossTokenizerTeacher, cross_tokenizer_teacher, xtok_kd_sum
 from .vocab import SharedVocabulary, TokenSpelling, decoder_kind, shared_vocabulary, token_spelling
 
 __all__ = [
+    "XTOK_DIVERGENCES",
     "XTOK_LOSS_NAMES",
     "AlignedBatch",
     "AlignedSpan",

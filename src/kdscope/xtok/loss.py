@@ -13,7 +13,9 @@ The tail is dropped when both sides leave it empty (one tokenizer on both sides:
 teacher's tail is then an outcome the student cannot produce, an infinite KL otherwise). A merged span (boundaries that
 do not coincide) has no common next-token outcome space; there the KL is the one of the event both sides share
 exactly, "the next text is this span" against "anything else": a two-outcome distribution [P(span), 1 - P(span)].
-The divergence is forward KL by default; ``divergence`` takes any of ``losses.LOSS_NAMES`` on the same outcomes.
+The divergence is forward KL by default; ``divergence`` takes any of ``losses.LOSS_NAMES`` on the same outcomes,
+and the names ``xtok_reverse_kl`` (RevKD's direction) and ``xtok_jsd`` (GKD's generalised JSD, its ``beta``) choose
+it by loss name, as ``TrainSettings.loss`` does (``XTOK_DIVERGENCES``).
 
 ``uld`` (Universal Logit Distillation, Boizard et al. 2024): sum_i |p_(i) - q_(i)| between the two probability vectors
 sorted in decreasing order, the shorter padded with zeros: the closed form of the Wasserstein-1 distance they use,
@@ -46,8 +48,10 @@ from kdscope.losses import LOSS_NAMES, TAIL_MASS_FLOOR, LossParts, divergence_ro
 from .batch import AlignedBatch, SideIndex
 from .vocab import SharedVocabulary
 
-XtokLossName = Literal["xtok_kl", "uld"]
-XTOK_LOSS_NAMES: tuple[str, ...] = ("xtok_kl", "uld")
+XtokLossName = Literal["xtok_kl", "xtok_reverse_kl", "xtok_jsd", "uld"]
+XTOK_LOSS_NAMES: tuple[str, ...] = ("xtok_kl", "xtok_reverse_kl", "xtok_jsd", "uld")
+XTOK_DIVERGENCES: dict[str, str] = {"xtok_kl": "forward_kl", "xtok_reverse_kl": "reverse_kl", "xtok_jsd": "jsd"}
+"""The aligned-KL losses by name: each is ``xtok_kl``'s outcomes compared with this divergence of kdscope.losses."""
 
 BLOCKS_PER_ROW = 12
 """Vocabulary-wide float32 blocks alive per gathered row in a chunk (logits, log-softmax, probabilities, sort values
@@ -246,6 +250,11 @@ def _plan(batch: AlignedBatch, teacher_rows: TeacherRows, teacher_width: int, st
         raise InputError(f"unknown cross-tokenizer loss {loss!r}: use one of {', '.join(XTOK_LOSS_NAMES)}")
     if divergence not in LOSS_NAMES:
         raise InputError(f"unknown divergence {divergence!r}: use one of {', '.join(LOSS_NAMES)}")
+    if loss in XTOK_DIVERGENCES and loss != "xtok_kl":  # the direction chosen by name
+        if divergence not in ("forward_kl", XTOK_DIVERGENCES[loss]):
+            raise InputError(f"loss {loss!r} compares with {XTOK_DIVERGENCES[loss]}, not divergence {divergence!r}: "
+                             "give one of them")
+        loss, divergence = "xtok_kl", XTOK_DIVERGENCES[loss]
     if not temperature > 0:
         raise InputError(f"temperature must be > 0, got {temperature}")
     if loss == "xtok_kl":

@@ -37,6 +37,8 @@ class CrossTokenizerSignal(TeacherOutput):
     alignments: tuple[Alignment, ...] = ()
     student_starts: tuple[int, ...] = ()
     vocab: SharedVocabulary | None = None
+    beta: float = 0.5  # the run's JSD interpolation (xtok_jsd) and skew (skew losses), as its settings give them
+    alpha: float = 0.1
 
 
 def _prefix_ids(tokenizer: Any) -> list[int]:
@@ -54,7 +56,7 @@ class CrossTokenizerTeacher:
 
     def __init__(self, model: torch.nn.Module, teacher_tokenizer: Any, student_tokenizer: Any, student_width: int,
                  teacher_width: int, *, noise_sigma: float = 0.0, seed: int = 0, disable_adapter: bool = False,
-                 temperature: float = 1.0) -> None:
+                 temperature: float = 1.0, beta: float = 0.5, alpha: float = 0.1) -> None:
         self.online = OnlineTeacher(model, noise_sigma=noise_sigma, seed=seed, disable_adapter=disable_adapter,
                                     temperature=temperature)
         self.teacher_tokenizer = teacher_tokenizer
@@ -67,6 +69,7 @@ class CrossTokenizerTeacher:
         pad = teacher_tokenizer.pad_token_id
         self.pad_id = int(pad if pad is not None else teacher_tokenizer.eos_token_id)
         self.device = self.online.device
+        self.beta, self.alpha = beta, alpha
 
     def state_dict(self) -> dict[str, Any]:
         return self.online.state_dict()
@@ -95,14 +98,16 @@ class CrossTokenizerTeacher:
         logits = self.online.teacher_logits(teacher_ids.to(self.device), teacher_mask.to(self.device))
         return CrossTokenizerSignal(logits=logits, temperature=self.online.temperature,
                                     student_input_ids=input_ids.detach().cpu(), teacher_input_ids=teacher_ids,
-                                    alignments=tuple(alignments), student_starts=tuple(starts), vocab=self.vocab)
+                                    alignments=tuple(alignments), student_starts=tuple(starts), vocab=self.vocab,
+                                    beta=self.beta, alpha=self.alpha)
 
 
 def cross_tokenizer_teacher(settings: Any, teacher_model: torch.nn.Module | None, teacher_tokenizer: Any,
                             student_tokenizer: Any, student_width: int, teacher_width: int | None = None,
                             cached: bool = False) -> CrossTokenizerTeacher:
-    """The teacher signal of a run whose loss is ``xtok_kl`` or ``uld`` (``settings``: its ``teacher_topk``,
-    ``noise_sigma``, ``seed``, ``base_teacher`` and ``temperature``, as TrainSettings has them)."""
+    """The teacher signal of a run whose loss is one of ``XTOK_LOSS_NAMES`` (``settings``: its ``teacher_topk``,
+    ``noise_sigma``, ``seed``, ``base_teacher``, ``temperature`` and, where it has them, ``beta`` and ``alpha``, as
+    TrainSettings has them)."""
     loss = getattr(settings, "loss", "xtok_kl")
     if cached:
         raise InputError(f"loss {loss} compares the teacher on its own tokens, which a teacher cache (top-k ids of "
@@ -115,7 +120,8 @@ def cross_tokenizer_teacher(settings: Any, teacher_model: torch.nn.Module | None
     return CrossTokenizerTeacher(teacher_model, teacher_tokenizer, student_tokenizer, student_width,
                                  teacher_width or logit_width(teacher_model), noise_sigma=settings.noise_sigma,
                                  seed=settings.seed, disable_adapter=settings.base_teacher,
-                                 temperature=settings.temperature)
+                                 temperature=settings.temperature, beta=getattr(settings, "beta", 0.5),
+                                 alpha=getattr(settings, "alpha", 0.1))
 
 
 def xtok_kd_sum(student_logits: Tensor, signal: CrossTokenizerSignal, kd_mask: Tensor, loss: str,
@@ -128,7 +134,8 @@ def xtok_kd_sum(student_logits: Tensor, signal: CrossTokenizerSignal, kd_mask: T
         raise InputError("a cross-tokenizer loss needs the signal of kdscope.xtok.CrossTokenizerTeacher")
     batch = aligned_batch(signal.alignments, signal.student_input_ids, signal.teacher_input_ids, kd_mask.cpu(),
                           student_starts=signal.student_starts, reduction=reduction)
-    parts = xtok_loss_parts(student_logits, signal.logits, batch, signal.vocab, loss, temperature, scale_by_t2)
+    parts = xtok_loss_parts(student_logits, signal.logits, batch, signal.vocab, loss, temperature, scale_by_t2,
+                            beta=signal.beta, alpha=signal.alpha)
     mask = kd_mask.to(torch.bool)
     units = int(mask.sum()) if reduction == "token_mean" else int((mask.sum(-1) > 0).sum())
     return parts.total * (units / parts.count) if parts.count else parts.total
