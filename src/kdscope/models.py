@@ -263,6 +263,29 @@ def load_model(
     return model.to(dev), tok
 
 
+def config_logit_width(ref: str, trust_remote_code: bool = False) -> int:
+    """A model reference's logit width (its LM head's rows, ``vocab_size`` in its config) without loading weights:
+    enough to size a teacher cache for the students that will read it before any of them is loaded."""
+    from transformers import AutoConfig
+
+    if ref.startswith(BUILTIN_PREFIX):
+        return len(tiny_tokenizer())  # every built-in model's head has the built-in tokenizer's width
+    path = Path(ref).expanduser()
+    try:
+        if path.suffix == ".gguf":
+            with reading_gguf(path):
+                config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                    trust_remote_code=trust_remote_code)
+        else:
+            config = AutoConfig.from_pretrained(str(path) if path.exists() else ref,
+                                                trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:  # no config, a garbled one, an uncached hub id offline
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise InputError(f"model {ref}: cannot read its config ({first}); give a folder in the HF format, a .gguf "
+                         "file, a cached hub id or builtin:<name>") from None
+    return int(config.get_text_config().vocab_size)
+
+
 GGUF_MAGIC = b"GGUF"
 # What the gguf reader and transformers' converter raise on a cut-short or garbled file: a short read (struct.error,
 # an empty mmap), a tensor whose bytes run past the end (a reshape ValueError), metadata of the wrong type or missing.

@@ -180,7 +180,9 @@ def _uses_cache(run: KDRun) -> bool:
 def _cache_jobs(study: Study, domain: DomainSpec, seed: int, teacher: ModelEntry, students: list[ModelEntry],
                 teacher_sft: Job, teacher_base: Job | None) -> dict[bool, Job]:
     """With ``training.kd.teacher_topk`` set, one teacher pass per (teacher, domain, seed) - and one more for the
-    base-teacher ablation - serves every student, method and temperature (keyed: base_teacher True/False)."""
+    base-teacher ablation - serves every student, method and temperature (keyed: base_teacher True/False). The job
+    names its students: it stores one cache per common vocabulary width among them (Qwen2.5-14B's 152,064 logits
+    are cut to 151,936 for the 0.5B-3B students, kept whole for the 7B)."""
     kd = TrainSettings(**resolved_settings(study, domain, "kd", objective="kd"))  # its defaults, none restated here
     if not kd.teacher_topk:
         return {}
@@ -192,7 +194,10 @@ def _cache_jobs(study: Study, domain: DomainSpec, seed: int, teacher: ModelEntry
         params = {"teacher": teacher.model, "teacher_name": teacher.name, "domain": domain.name, "train": domain.train,
                   "seed": seed, "k": kd.teacher_topk, "temperatures": temperatures, "prompt_style": kd.prompt_style,
                   "max_length": kd.max_length, "base_teacher": base, "device": study.device,
-                  "trust_remote_code": teacher.trust_remote_code}
+                  "trust_remote_code": teacher.trust_remote_code,
+                  "students": sorted({(s.model, s.trust_remote_code) for s in students
+                                      if any(_uses_cache(r) and r.base_teacher == base
+                                             for r in kd_runs(study, teacher.name, s.name))})}
         deps = {} if base else {"teacher": teacher_sft}
         if teacher_base:
             deps["teacher_base"] = teacher_base

@@ -15,11 +15,11 @@ from ..cache import CachedTeacher, TeacherCache, build_teacher_signal, cache_key
 from ..data import load_task, load_training_data
 from ..evaluation import evaluate_generate, evaluate_loglik, generation_preset, read_done, summary_row
 from ..fidelity import TABLES, compare_task, table_row
-from ..models import load_model, load_tokenizer, load_trained
+from ..models import config_logit_width, load_model, load_tokenizer, load_trained
 from ..prompts import Example
 from ..synthetic import GENERATORS, generate
 from ..tasks import get_task
-from ..teacher import logit_width
+from ..teacher import common_vocab_width, logit_width
 from ..train import TrainSettings, prepare_student, train
 from .graph import Job, job_dir
 from .store import StudyStore
@@ -94,10 +94,37 @@ def _cache(job: Job, out: Path, root: Path, store: StudyStore, progress: bool) -
     model, tok = _load(teacher_base, trained, job)
     sequences = encode_sequences(tok, load_training_data(p["train"], seed=p["seed"]), p["prompt_style"],
                                  p["max_length"])
-    key = cache_key(teacher_base, trained, tok, sequences, p["prompt_style"], p["k"], p["max_length"],
-                    p.get("vocab_width"), model)
-    cache = TeacherCache.build(out / "cache", key, model, sequences, tok.pad_token_id, p["temperatures"])
-    return {"sequences": len(sequences), "bytes_per_token": cache.bytes_per_token()}
+    built = {}
+    for width in cache_widths(model, tok, p["students"]):
+        key = cache_key(teacher_base, trained, tok, sequences, p["prompt_style"], p["k"], p["max_length"], width,
+                        model)
+        built[width] = TeacherCache.build(cache_folder(out, width), key, model, sequences, tok.pad_token_id,
+                                          p["temperatures"])
+    return {"sequences": len(sequences), "logit_widths": sorted(built),
+            "bytes_per_token": {str(w): c.bytes_per_token() for w, c in sorted(built.items())}}
+
+
+def cache_widths(teacher: Any, teacher_tok: Any, students: list[tuple[str, bool]]) -> list[int]:
+    """The common vocabulary widths of the teacher with each student that reads its cache (checked by token
+    strings, kdscope.teacher.common_vocab_width): one cache is built per width."""
+    teacher_width = logit_width(teacher)
+    return sorted({common_vocab_width(teacher_tok, load_tokenizer(ref, trust), teacher_width,
+                                      config_logit_width(ref, trust)) for ref, trust in students})
+
+
+def cache_folder(out: Path, width: int) -> Path:
+    return out / f"cache-w{width}"
+
+
+def open_cache_for(job: Job, root: Path, student_width: int) -> TeacherCache:
+    """The cache of the KD job's cache dependency built for this student: the widest at most its logit width (the
+    pair's common width; kdscope.cache.build_teacher_signal checks it exactly)."""
+    folder = job_dir(root, job.deps["cache"])
+    caches = sorted((TeacherCache.open(path) for path in folder.glob("cache-w*")), key=lambda c: c.logit_width)
+    if not caches:
+        raise FileNotFoundError(f"{folder}: the cache job stored no cache; run it again (kdscope run --redo cache)")
+    fitting = [c for c in caches if c.logit_width <= student_width]
+    return fitting[-1] if fitting else caches[0]
 
 
 def _kd(job: Job, out: Path, root: Path, store: StudyStore, progress: bool) -> dict[str, Any]:
@@ -108,13 +135,15 @@ def _kd(job: Job, out: Path, root: Path, store: StudyStore, progress: bool) -> d
     settings = TrainSettings(**p["settings"])
     teacher_base = _base_ref(job, root, "teacher", "teacher_base")
     trained = _teacher_trained(job, root)
-    cache = TeacherCache.open(job_dir(root, job.deps["cache"]) / "cache") if "cache" in job.deps else None
-    needs_model = cache is None or settings.objective == "gkd" or settings.noise_sigma > 0
+    uses_cache = "cache" in job.deps
+    needs_model = not uses_cache or settings.objective == "gkd" or settings.noise_sigma > 0
     teacher_model, teacher_tok = _load(teacher_base, trained, job) if needs_model else (None, load_tokenizer(teacher_base))
     signals: list[Any] = []
 
     def signal_for(ts: TrainSettings, student: Any, tok: Any) -> Any:
-        signals.append(build_teacher_signal(ts, teacher_model, teacher_tok, tok, logit_width(student), cache))
+        width = logit_width(student)
+        cache = open_cache_for(job, root, width) if uses_cache else None
+        signals.append(build_teacher_signal(ts, teacher_model, teacher_tok, tok, width, cache))
         return signals[-1]
 
     examples = load_training_data(p["train"], seed=p["seed"])
