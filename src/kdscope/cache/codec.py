@@ -57,10 +57,18 @@ def sparsify(logits: Tensor, k: int, temperatures: Sequence[float], value_dtype:
     per_temperature = [normalizer_and_tail(dense, indices, t) for t in temperatures]
     normalizers = torch.stack([normalizer for normalizer, _ in per_temperature], dim=-1)
     log_tails = torch.stack([tail for _, tail in per_temperature], dim=-1)
+    return sparse_record(values, indices, normalizers, log_tails, dense.shape[-1], value_dtype)
+
+
+def sparse_record(values: Tensor, indices: Tensor, normalizers: Tensor, log_tails: Tensor, vocab_width: int,
+                  value_dtype: str = "float16") -> SparseRecord:
+    """The stored form of a top-k signal already taken: raw top-k ``values`` and ``indices`` [n, k] (float32,
+    descending), ``normalizers`` and ``log_tails`` [n, len(temperatures)] (T = 1 first), as ``sparsify`` computes
+    them from dense logits and ``kdscope.fused.chunked_topk`` chunk by chunk."""
     log_probs = values - normalizers[:, :1]
     return SparseRecord(
         log_probs=log_probs.cpu().numpy().astype(VALUE_DTYPES[value_dtype]),
-        indices=indices.cpu().numpy().astype(index_dtype(dense.shape[-1])),
+        indices=indices.cpu().numpy().astype(index_dtype(vocab_width)),
         log_normalizers=normalizers.cpu().numpy().astype(np.float32),
         log_tails=log_tails.cpu().numpy().astype(np.float32),
     )

@@ -15,8 +15,10 @@ from torch import Tensor
 
 from ..errors import InputError
 from ..files import atomic_write_bytes
+from ..fused import DEFAULT_MEMORY_BUDGET_BYTES, chunked_topk, fused_supported, online_teacher_hidden
 from ..teacher import OnlineTeacher
-from .codec import CODECS, VALUE_DTYPES, Codec, RecordFormat, SparseRecord, index_dtype, normalised_temperatures, sparsify
+from .codec import (CODECS, VALUE_DTYPES, Codec, RecordFormat, SparseRecord, index_dtype, normalised_temperatures,
+                    sparse_record, sparsify)
 from .key import CacheKey, sequence_hash, weights_fingerprint
 
 FORMAT_VERSION = 2
@@ -77,8 +79,14 @@ class TeacherCache:
         codec: Codec = "zlib",
         value_dtype: str = "float16",
         on_batch: Callable[[int], None] | None = None,
+        fused: bool = True,
+        memory_budget: int = DEFAULT_MEMORY_BUDGET_BYTES,
     ) -> "TeacherCache":
         """Run ``model`` once over the distinct ``sequences`` and store its top-``key.k`` signal under ``root``.
+
+        ``fused`` (when the model's logits are ``head(last hidden state)``, kdscope.fused.fused_supported): the
+        top-k, normalisers and tails are taken chunk by chunk from the last hidden states (``fused.chunked_topk``,
+        chunks of ``memory_budget`` bytes), never from [batch, seq, vocab] logits; the same records as the dense path.
 
         Resumable: shards already complete under ``root`` are kept, provided its manifest matches this build (same
         key and format); a different one is refused. ``on_batch`` is called with each batch's row count (progress).
@@ -116,7 +124,8 @@ class TeacherCache:
                 if on_batch is not None:
                     on_batch(len(members))
                 continue
-            _build_shard(out, shard, members, teacher, record_format, temps, pad_id, batch_size, value_dtype, on_batch)
+            _build_shard(out, shard, members, teacher, record_format, temps, pad_id, batch_size, value_dtype, on_batch,
+                         memory_budget if fused and fused_supported(model) else None)
         return cls.open(out, key)
 
     # ----------------------------------------------------------------------------------------------------------- read
@@ -207,8 +216,9 @@ def _claim(out: Path, manifest: dict[str, Any]) -> None:
 
 def _build_shard(out: Path, shard: int, members: list[tuple[str, list[int]]], teacher: OnlineTeacher,
                  record_format: RecordFormat, temperatures: list[float], pad_id: int, batch_size: int,
-                 value_dtype: str, on_batch: Callable[[int], None] | None) -> None:
-    """Teacher pass over one shard's sequences (sorted by length within the shard, so batches pad little)."""
+                 value_dtype: str, on_batch: Callable[[int], None] | None, fused_budget: int | None = None) -> None:
+    """Teacher pass over one shard's sequences (sorted by length within the shard, so batches pad little); fused
+    (``fused_budget`` bytes per chunk) or from the dense logits (None)."""
     ordered = sorted(members, key=lambda member: len(member[1]))
     blobs: list[bytes] = []
     shard_index: dict[str, list[int]] = {}
@@ -217,9 +227,16 @@ def _build_shard(out: Path, shard: int, members: list[tuple[str, list[int]]], te
         batch = ordered[start : start + batch_size]
         input_ids, attention = _right_padded([ids for _, ids in batch], pad_id)
         device = teacher.device
-        logits = teacher.teacher_logits(input_ids.to(device), attention.to(device))
-        for row, (seq_hash, ids) in enumerate(batch):
-            blob = record_format.encode(sparsify(logits[row, : len(ids)], record_format.k, temperatures, value_dtype))
+        input_ids, attention = input_ids.to(device), attention.to(device)
+        if fused_budget is None:
+            logits = teacher.teacher_logits(input_ids, attention)
+            records = [sparsify(logits[row, : len(ids)], record_format.k, temperatures, value_dtype)
+                       for row, (_, ids) in enumerate(batch)]
+        else:
+            records = _fused_records(teacher, input_ids, attention, [len(ids) for _, ids in batch], record_format.k,
+                                     temperatures, value_dtype, fused_budget)
+        for (seq_hash, ids), record in zip(batch, records):
+            blob = record_format.encode(record)
             shard_index[seq_hash] = [offset, len(blob), len(ids)]
             blobs.append(blob)
             offset += len(blob)
@@ -230,3 +247,16 @@ def _build_shard(out: Path, shard: int, members: list[tuple[str, list[int]]], te
     atomic_write_bytes(index_path, json.dumps(shard_index).encode())
 
 
+def _fused_records(teacher: OnlineTeacher, input_ids: Tensor, attention: Tensor, lengths: list[int], k: int,
+                   temperatures: list[float], value_dtype: str, budget: int) -> list[SparseRecord]:
+    """The records of one right-padded batch from the teacher's last hidden states, top-k taken chunk by chunk."""
+    state = online_teacher_hidden(teacher, input_ids, attention)
+    rows = state.hidden[attention.to(torch.bool)]  # the sequences' positions, one sequence after another
+    values, indices, normalizers, log_tails = chunked_topk(rows, state.head, k, temperatures, memory_budget=budget)
+    records, start = [], 0
+    for n in lengths:
+        part = slice(start, start + n)
+        records.append(sparse_record(values[part], indices[part], normalizers[part], log_tails[part],
+                                     state.head.vocab, value_dtype))
+        start += n
+    return records

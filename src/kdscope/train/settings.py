@@ -59,6 +59,9 @@ class TrainSettings(BaseModel):
     teacher_topk: int | None = Field(None, ge=1, description="keep only the teacher's top-k logits (None: dense)")
     topk_tail: Literal["renormalise", "tail_bucket"] = "tail_bucket"
     base_teacher: bool = Field(False, description="ablation: the teacher without its task adapter")
+    fused: bool = Field(True, description="run the LM heads inside the losses, chunk by chunk, so no [batch, seq, "
+                        "vocab] logits exist (kdscope.fused; same values); models whose logits are not head(hidden) "
+                        "and cross-tokenizer losses use full logits, announced once in the log")
     lr: float = Field(3e-4, gt=0)
     weight_decay: float = 0.0
     warmup_steps: int = Field(100, ge=0)
