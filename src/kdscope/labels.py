@@ -1,7 +1,9 @@
 """Names of the study's things, in one place: the KD methods, row labels, teacher names and model sizes.
 
 The study (study.md section 1) names a result row by a label that carries method and temperature,
-``student_{KD|RevKD|GKD}_temp_{T}``, plus ``student_KD_base_teacher_temp_1.0``, ``SFT`` and ``BaseModel``.
+``student_{KD|RevKD|GKD}_temp_{T}``, plus ``student_KD_base_teacher_temp_1.0``, ``SFT`` and ``BaseModel``. A KD
+student of a teacher with another tokenizer (kdscope's cross-family runs, issue 16) carries its cross-tokenizer loss
+in the label, ``student_{stem}_{xtok_kl|uld}_temp_{T}``, so its rows never mix with a same-family run's.
 kdscope keeps that label in the ``Method`` column so exports keep the study's CSV layout, and carries the same
 facts as typed columns (``KDMethod``, ``Temperature``, ``Ablation``, ``Seed``). The label parser here exists for
 tables that lack those columns, i.e. the study's published CSVs.
@@ -31,15 +33,16 @@ class KDMethodSpec:
     stem: str  # the stem of the study's row label: student_{stem}_temp_T
     objective: Literal["kd", "gkd"]  # kdscope training objective
     loss: str  # kdscope.losses name
+    xtok_loss: str  # its cross-tokenizer counterpart, a kdscope.xtok loss name: the same divergence on aligned spans
     # Whether the study divides logits by T (and scales by T^2). Its released GKD ignores T, yet its tables still
     # label GKD rows ``temp_1.0``.
     uses_temperature: bool
 
 
 KD_METHOD_TABLE: tuple[KDMethodSpec, ...] = (
-    KDMethodSpec("SeqKD", "KD", "kd", "forward_kl", True),
-    KDMethodSpec("RevKD", "RevKD", "kd", "reverse_kl", True),
-    KDMethodSpec("GKD", "GKD", "gkd", "jsd", False),
+    KDMethodSpec("SeqKD", "KD", "kd", "forward_kl", "xtok_kl", True),
+    KDMethodSpec("RevKD", "RevKD", "kd", "reverse_kl", "xtok_reverse_kl", True),
+    KDMethodSpec("GKD", "GKD", "gkd", "jsd", "xtok_jsd", False),
 )
 KD_METHODS: tuple[str, ...] = tuple(m.name for m in KD_METHOD_TABLE)
 KDMethodName = Literal["SeqKD", "RevKD", "GKD"]
@@ -52,6 +55,27 @@ BASE_TEACHER = "base_teacher"  # the Ablation column's value for a never-fine-tu
 NOISE_PREFIX = "noise_sigma="  # the Ablation column's value for a noisy teacher: noise_sigma=<sigma>
 # The label the study's agreement/fidelity tables (EM1*, BLEU*) give their one KD row per pair.
 PAIR_TABLE_KD_LABEL = "KD"
+
+
+# How a study compares a teacher and a student whose tokenizers differ (kdscope.xtok): ``xtok_kl`` the method's own
+# divergence on the shared vocabulary of aligned spans, ``uld`` the sorted-probability distance (no direction).
+CROSS_TOKENIZER_LOSSES: tuple[str, ...] = ("xtok_kl", "uld")
+CrossTokenizerName = Literal["xtok_kl", "uld"]
+
+
+def cross_tokenizer_loss(method: str, cross_tokenizer: str) -> str:
+    """The training loss of ``method`` across tokenizers: its xtok counterpart (SeqKD xtok_kl, RevKD
+    xtok_reverse_kl, GKD xtok_jsd) or uld (SeqKD and GKD; RevKD has no uld counterpart)."""
+    spec = method_spec(method)
+    if cross_tokenizer == "xtok_kl":
+        return spec.xtok_loss
+    if cross_tokenizer == "uld":
+        if spec.name == "RevKD":
+            raise InputError("RevKD has no uld counterpart (ULD's sorted-probability distance has no direction); "
+                             "use SeqKD or GKD with uld, or RevKD with xtok_kl")
+        return "uld"
+    raise InputError(f"unknown cross-tokenizer loss {cross_tokenizer!r}; use one of "
+                     f"{', '.join(CROSS_TOKENIZER_LOSSES)}")
 
 
 def method_spec(name: str) -> KDMethodSpec:
@@ -77,10 +101,16 @@ def noise_ablation(sigma: float) -> str:
     return f"{NOISE_PREFIX}{_number(sigma)}"
 
 
-def row_label(method: str, temperature: float = 1.0, ablation: str = "") -> str:
+def row_label(method: str, temperature: float = 1.0, ablation: str = "", cross_tokenizer: str = "") -> str:
     """The study's row label of a KD student: ``student_KD_temp_2.0``, ``student_KD_base_teacher_temp_1.0``,
-    ``student_KD_noise_2.0_temp_1.0`` (noise rows are kdscope's; the study released none)."""
+    ``student_KD_noise_2.0_temp_1.0`` (noise rows are kdscope's; the study released none); across tokenizers
+    ``student_RevKD_xtok_kl_temp_2.0`` (no ablation)."""
     stem = method_spec(method).stem
+    if cross_tokenizer:
+        cross_tokenizer_loss(method, cross_tokenizer)  # a known loss that this method has
+        if ablation:
+            raise InputError(f"ablation {ablation!r}: the teacher-signal ablations run for same-family pairs only")
+        return f"student_{stem}_{cross_tokenizer}_temp_{_number(temperature)}"
     if not ablation:
         return f"student_{stem}_temp_{_number(temperature)}"
     if ablation == BASE_TEACHER:
@@ -98,6 +128,7 @@ class RowLabel:
     kd_method: str = ""
     temperature: float = math.nan
     ablation: str = ""
+    cross_tokenizer: str = ""  # "" (one tokenizer) | xtok_kl | uld
 
     @property
     def is_plain_kd(self) -> bool:
@@ -110,6 +141,7 @@ _STEMS = "|".join(re.escape(m.stem) for m in KD_METHOD_TABLE)
 _KD_ROW = re.compile(rf"^student_({_STEMS})_temp_{_NUM}$")
 _BASE_TEACHER_ROW = re.compile(rf"^student_({_STEMS})_base_teacher_temp_{_NUM}$")
 _NOISE_ROW = re.compile(rf"^student_({_STEMS})_noise_{_NUM}_temp_{_NUM}$")
+_CROSS_ROW = re.compile(rf"^student_({_STEMS})_({'|'.join(CROSS_TOKENIZER_LOSSES)})_temp_{_NUM}$")
 
 
 def parse_row_label(label: object) -> RowLabel:
@@ -123,6 +155,8 @@ def parse_row_label(label: object) -> RowLabel:
         return RowLabel("kd", _BY_STEM[match.group(1)].name, float(match.group(2)))
     if match := _BASE_TEACHER_ROW.match(text):
         return RowLabel("kd", _BY_STEM[match.group(1)].name, float(match.group(2)), BASE_TEACHER)
+    if match := _CROSS_ROW.match(text):
+        return RowLabel("kd", _BY_STEM[match.group(1)].name, float(match.group(3)), cross_tokenizer=match.group(2))
     if match := _NOISE_ROW.match(text):
         return RowLabel("kd", _BY_STEM[match.group(1)].name, float(match.group(3)),
                         noise_ablation(float(match.group(2))))

@@ -1,5 +1,7 @@
 """A study expanded into jobs: pretraining (built-in models only) -> SFT (teachers and student baselines) -> teacher
-caches -> KD runs (methods x temperatures x ablations x seeds) -> evaluations -> fidelity -> analysis.
+caches -> KD runs (methods x temperatures x ablations x seeds) -> evaluations -> fidelity -> analysis. The KD runs
+of cross-family pairs (grids with ``cross_tokenizer``) come after every family's jobs, so a study without them
+expands exactly as before.
 
 Every job is keyed by a hash of everything that determines its output (its settings and the keys of the jobs it
 reads), so re-running a study does only what is missing or changed.
@@ -15,8 +17,8 @@ from pathlib import Path
 from typing import Any, Literal, Sequence, get_args
 
 from ..errors import InputError
-from ..labels import (BASE_MODEL_LABEL, BASE_TEACHER, NOISE_PREFIX, SFT_LABEL, method_spec, noise_ablation, row_label,
-                      student_size)
+from ..labels import (BASE_MODEL_LABEL, BASE_TEACHER, NOISE_PREFIX, SFT_LABEL, cross_tokenizer_loss, method_spec,
+                      noise_ablation, row_label, student_size)
 from ..train import TrainSettings
 from .spec import DomainSpec, KDRuns, ModelEntry, Study
 
@@ -67,6 +69,8 @@ def expand(study: Study) -> list[Job]:
         return jobs.setdefault(job.key, job)
 
     evals: list[Job] = []
+    all_bases: dict[str, Job | None] = {}
+    all_sft: dict[tuple[str, str, int], Job] = {}  # (teacher, domain, seed) -> its SFT job, for cross-family pairs
     for family in study.families:
         bases: dict[str, Job | None] = {}
         for entry in (*family.teachers, *family.students):
@@ -77,6 +81,7 @@ def expand(study: Study) -> list[Job]:
                 "micro_batch_size": study.pretrain.micro_batch_size, "seed": study.seeds[0],
                 "prompt_style": TrainSettings(**study.training.common).prompt_style,
                 "token_mask": study.pretrain.token_mask})) if steps else None
+        all_bases.update(bases)
         for domain in study.domains:
             for entry in (*family.teachers, *family.students):
                 evals.append(add(_eval_job(study, domain, entry, "-", BASE_MODEL_LABEL, None, bases[entry.name],
@@ -85,6 +90,7 @@ def expand(study: Study) -> list[Job]:
                 teacher_sft = {}
                 for entry in family.teachers:
                     teacher_sft[entry.name] = sft = add(_sft_job(study, entry, domain, seed, bases[entry.name], True))
+                    all_sft[(entry.name, domain.name, seed)] = sft
                     evals.append(add(_eval_job(study, domain, entry, "-", SFT_LABEL, sft, bases[entry.name], seed)))
                 for student in family.students:
                     if student.name in teacher_sft:  # a model that is also a teacher has one SFT row: the teacher's
@@ -103,6 +109,15 @@ def expand(study: Study) -> list[Job]:
                                               bases[teacher.name], bases[student.name], caches.get(run.base_teacher)))
                             evals.append(add(_eval_job(study, domain, student, teacher.name, run.label, job,
                                                        bases[student.name], seed, run)))
+    for domain in study.domains:
+        for seed in study.seeds:
+            for teacher, student in cross_family_pairs(study):
+                for run in kd_runs(study, teacher.name, student.name, cross=True):
+                    job = add(_kd_job(study, domain, seed, teacher, student, run,
+                                      all_sft[(teacher.name, domain.name, seed)], all_bases[teacher.name],
+                                      all_bases[student.name]))
+                    evals.append(add(_eval_job(study, domain, student, teacher.name, run.label, job,
+                                               all_bases[student.name], seed, run)))
     ordered = list(jobs.values())
     fidelity = _fidelity_jobs(study, evals)
     analysis = Job("analysis", "statistics and report", {"study": study.name}, {e.key: e for e in evals + fidelity})
@@ -120,6 +135,13 @@ def teacher_larger(teacher: ModelEntry, student: ModelEntry) -> bool:
         return True
 
 
+def cross_family_pairs(study: Study) -> list[tuple[ModelEntry, ModelEntry]]:
+    """Every (teacher, student) of different families, in the study's order (a cross-family grid picks its own)."""
+    return [(teacher, student) for t_family in study.families for teacher in t_family.teachers
+            for s_family in study.families if s_family.name != t_family.name for student in s_family.students
+            if student.name != teacher.name]
+
+
 @dataclass(frozen=True)
 class KDRun:
     """One KD student of a (teacher, student) pair: method, temperature and teacher-signal ablation."""
@@ -127,6 +149,7 @@ class KDRun:
     method: str  # SeqKD / RevKD / GKD
     temperature: float
     ablation: str = ""  # "" | "base_teacher" | "noise_sigma=<s>" (the result rows' Ablation column)
+    cross_tokenizer: str = ""  # "" (same family) | xtok_kl | uld (kdscope.labels.cross_tokenizer_loss)
 
     @property
     def base_teacher(self) -> bool:
@@ -138,7 +161,13 @@ class KDRun:
 
     @property
     def label(self) -> str:
-        return row_label(self.method, self.temperature, self.ablation)
+        return row_label(self.method, self.temperature, self.ablation, self.cross_tokenizer)
+
+    @property
+    def loss(self) -> str:
+        """The TrainSettings loss: the method's own, or its cross-tokenizer counterpart."""
+        spec = method_spec(self.method)
+        return cross_tokenizer_loss(self.method, self.cross_tokenizer) if self.cross_tokenizer else spec.loss
 
 
 def kd_grids(study: Study) -> list[KDRuns]:
@@ -151,18 +180,24 @@ def kd_grids(study: Study) -> list[KDRuns]:
     return [KDRuns(methods=study.methods, temperatures=study.temperatures)]
 
 
-def kd_runs(study: Study, teacher: str, student: str) -> list[KDRun]:
+def kd_runs(study: Study, teacher: str, student: str, cross: bool = False) -> list[KDRun]:
     """Every KD student of one pair, in the study's order. A method whose study loss uses no temperature (GKD) runs
-    once, at 1.0, as the study's tables label it."""
+    once, at 1.0, as the study's tables label it. ``cross``: a pair from different families, which only the grids
+    with a ``cross_tokenizer`` loss cover (and no ablation); a same-family pair ignores those grids."""
     runs: dict[KDRun, None] = {}
     for grid in kd_grids(study):
+        if (grid.cross_tokenizer is not None) != cross:
+            continue
         if grid.teachers is not None and teacher not in grid.teachers:
             continue
         if grid.students is not None and student not in grid.students:
             continue
         for method in grid.methods:
             temperatures = grid.temperatures if method_spec(method).uses_temperature else [1.0]
-            runs.update((KDRun(method, float(t)), None) for t in temperatures)
+            runs.update((KDRun(method, float(t), cross_tokenizer=grid.cross_tokenizer or ""), None)
+                        for t in temperatures)
+    if cross:
+        return list(runs)
     ab = study.ablations
     if ab.teachers is None or teacher in ab.teachers:
         temperature = ab.temperature if method_spec(ab.method).uses_temperature else 1.0
@@ -209,13 +244,17 @@ def _cache_jobs(study: Study, domain: DomainSpec, seed: int, teacher: ModelEntry
 def _kd_job(study: Study, domain: DomainSpec, seed: int, teacher: ModelEntry, student: ModelEntry, run: KDRun,
             teacher_sft: Job, teacher_base: Job | None, student_base: Job | None, cache: Job | None = None) -> Job:
     method = method_spec(run.method)
-    settings = resolved_settings(study, domain, "kd", objective=method.objective, loss=method.loss,
+    settings = resolved_settings(study, domain, "kd", objective=method.objective, loss=run.loss,
                                  temperature=run.temperature, noise_sigma=run.noise_sigma, seed=seed)
+    if run.cross_tokenizer:  # the teacher's whole distribution on its own tokens, online: no top-k, no cache
+        settings["teacher_topk"] = None
     params = {"student": student.model, "teacher": teacher.model, "train": domain.train, "seed": seed,
               "student_name": student.name, "teacher_name": teacher.name, "domain": domain.name,
               "settings": settings, "base_teacher": run.base_teacher, "device": study.device, "label": run.label,
               "kd_method": run.method, "temperature": run.temperature, "ablation": run.ablation,
               "trust_remote_code": student.trust_remote_code or teacher.trust_remote_code}
+    if run.cross_tokenizer:
+        params["cross_tokenizer"] = run.cross_tokenizer
     deps: dict[str, Job] = {} if run.base_teacher else {"teacher": teacher_sft}
     if teacher_base:
         deps["teacher_base"] = teacher_base

@@ -12,7 +12,7 @@ from pydantic import BaseModel, Field, ValidationError, field_validator, model_v
 
 from ..data import SYNTHETIC_PREFIX, load_training_data, read_text_file
 from ..errors import InputError, describe, dotted, one_line
-from ..labels import KD_METHODS, KDMethodName, method_spec
+from ..labels import KD_METHODS, CrossTokenizerName, KDMethodName, cross_tokenizer_loss, method_spec
 from ..models import BUILTIN_MODELS, BUILTIN_PREFIX, LoraSettings
 from ..synthetic import GENERATORS
 from ..tasks import get_task
@@ -29,7 +29,8 @@ class ModelEntry(_Strict):
 
 
 class Family(_Strict):
-    """Models that share one tokenizer; distillation happens only within a family."""
+    """Models that share one tokenizer. Distillation happens within a family, and across families only in the KD
+    grids that name a cross-tokenizer loss (``kd_runs[].cross_tokenizer``)."""
 
     name: str
     teachers: list[ModelEntry]
@@ -62,12 +63,21 @@ class DomainSpec(_Strict):
 
 class KDRuns(_Strict):
     """One grid of KD runs: every listed method at every listed temperature, for the named teachers and students
-    (default: every pair). A study's KD runs are the union of its grids."""
+    (default: every pair). A study's KD runs are the union of its grids.
+
+    ``cross_tokenizer`` makes it a cross-family grid: its pairs are a teacher and a student from different families
+    (any sizes, both directions if both are named), distilled on aligned spans (kdscope.xtok) with the methods'
+    cross-tokenizer counterparts: ``xtok_kl`` gives SeqKD forward, RevKD reverse KL and GKD the JSD on the shared
+    vocabulary (xtok_kl, xtok_reverse_kl, xtok_jsd; GKD's samples re-tokenised for the teacher); ``uld`` gives SeqKD
+    and GKD the ULD distance. Such runs read the teacher online (a teacher cache or top-k holds the student's
+    vocabulary only) and get no teacher-signal ablations. Without it a grid covers same-family pairs only."""
 
     methods: list[KDMethodName] = Field(min_length=1)
     temperatures: list[float] = Field(default_factory=lambda: [1.0])
     teachers: list[str] | None = Field(None, description="teacher names these runs are for (default: all)")
     students: list[str] | None = Field(None, description="student names these runs are for (default: all)")
+    cross_tokenizer: CrossTokenizerName | None = Field(
+        None, description="xtok_kl | uld: pairs from different families, with this cross-tokenizer loss")
 
 
 class Ablations(_Strict):
@@ -149,6 +159,7 @@ class Study(_Strict):
             if unknown:
                 raise ValueError(f"{where}: no model named {unknown[0]!r}; the study's names are "
                                  f"{', '.join(sorted(known))}")
+        self._check_cross_grids()
         for where, method, temperatures in self._method_temperatures():
             if any(t <= 0 for t in temperatures):
                 raise ValueError(f"{where}: temperatures must all be > 0 (got {temperatures})")
@@ -162,6 +173,22 @@ class Study(_Strict):
                 raise ValueError(f"{where}.{design[0]}: set by the study's design ({DESIGN_KEYS[design[0]]}), "
                                  "not by training settings - remove it")
         return self
+
+    def _check_cross_grids(self) -> None:
+        family_of = {e.name: f.name for f in self.families for e in (*f.teachers, *f.students)}
+        for i, grid in enumerate(self.kd_runs or []):
+            if grid.cross_tokenizer is None:
+                continue
+            for method in grid.methods:
+                try:
+                    cross_tokenizer_loss(method, grid.cross_tokenizer)
+                except InputError as e:
+                    raise ValueError(f"kd_runs.{i}.methods: {e}") from None
+            teachers = grid.teachers or [t.name for f in self.families for t in f.teachers]
+            students = grid.students or [s.name for f in self.families for s in f.students]
+            if not any(family_of[t] != family_of[s] for t in teachers for s in students):
+                raise ValueError(f"kd_runs.{i}.cross_tokenizer: no teacher and student of different families in this "
+                                 "grid; a cross-tokenizer grid pairs models of different families")
 
     def _named_models(self, teachers: set[str], students: set[str]) -> list[tuple[str, list[str], set[str]]]:
         named = [("ablations.teachers", self.ablations.teachers or [], teachers)]
@@ -187,7 +214,8 @@ class Study(_Strict):
 
 
 # Settings the study's design decides per run; a value under training.* would be ignored, so it is refused.
-DESIGN_KEYS = {"objective": "methods", "loss": "methods (SeqKD forward_kl, RevKD reverse_kl, GKD jsd)",
+DESIGN_KEYS = {"objective": "methods", "loss": "methods (SeqKD forward_kl, RevKD reverse_kl, GKD jsd) and "
+                                               "kd_runs[].cross_tokenizer (xtok_kl, uld)",
                "temperature": "temperatures / kd_runs", "noise_sigma": "ablations.noise_sigmas",
                "base_teacher": "ablations.base_teacher", "seed": "seeds", "lora": "training.lora"}
 TRAINING_PARTS = ("common", "teacher_sft", "student_sft", "kd")
@@ -208,6 +236,10 @@ def check_training_settings(study: Study) -> None:
             merged = {**study.training.common, **domain.training, **getattr(study.training, part)}
             methods = [method_spec(m) for m in KD_METHODS] if part == "kd" else []
             runs = [{"objective": m.objective, "loss": m.loss} for m in methods] or [{"objective": "sft"}]
+            if part == "kd":  # the cross-family runs (kdscope.study.graph: their teacher is read online, dense)
+                runs += [{"objective": method_spec(m).objective, "loss": cross_tokenizer_loss(m, grid.cross_tokenizer),
+                          "teacher_topk": None} for grid in study.kd_runs or [] if grid.cross_tokenizer
+                         for m in grid.methods]
             for run in runs:
                 try:
                     TrainSettings(**{**merged, **run})
