@@ -188,9 +188,11 @@ def test_uld_grid_and_labels() -> None:
     ({**XTOK_GRID, "teachers": ["A-657K"], "students": ["A-35K"]},
      "kd_runs.0.cross_tokenizer: no teacher and student of different families"),
     ({**XTOK_GRID, "cross_tokenizer": "forward_kl"}, "kd_runs.0.cross_tokenizer"),
+    ([XTOK_GRID, {**XTOK_GRID, "methods": ["SeqKD"], "temperatures": [1.0], "cross_tokenizer": "uld"}],
+     "kd_runs.1.cross_tokenizer: A-657K -> B-66K SeqKD already runs with xtok_kl (kd_runs.0)"),
 ])
-def test_bad_cross_grids_are_refused_in_one_line(tmp_path: Path, grid: dict, message: str) -> None:
-    path = _write(tmp_path, {**CROSS, "kd_runs": [grid]})
+def test_bad_cross_grids_are_refused_in_one_line(tmp_path: Path, grid: dict | list, message: str) -> None:
+    path = _write(tmp_path, {**CROSS, "kd_runs": grid if isinstance(grid, list) else [grid]})
     with pytest.raises(InputError) as e:
         load_study(path)
     assert message in str(e.value) and "\n" not in str(e.value)

@@ -176,6 +176,7 @@ class Study(_Strict):
 
     def _check_cross_grids(self) -> None:
         family_of = {e.name: f.name for f in self.families for e in (*f.teachers, *f.students)}
+        seen: dict[tuple[str, str, str], tuple[str, int]] = {}
         for i, grid in enumerate(self.kd_runs or []):
             if grid.cross_tokenizer is None:
                 continue
@@ -186,9 +187,19 @@ class Study(_Strict):
                     raise ValueError(f"kd_runs.{i}.methods: {e}") from None
             teachers = grid.teachers or [t.name for f in self.families for t in f.teachers]
             students = grid.students or [s.name for f in self.families for s in f.students]
-            if not any(family_of[t] != family_of[s] for t in teachers for s in students):
+            pairs = [(t, s) for t in teachers for s in students if family_of[t] != family_of[s]]
+            if not pairs:
                 raise ValueError(f"kd_runs.{i}.cross_tokenizer: no teacher and student of different families in this "
                                  "grid; a cross-tokenizer grid pairs models of different families")
+            # the report takes a pair's best KD row per method (over temperatures): one cross-tokenizer loss each
+            for method in grid.methods:
+                for pair in pairs:
+                    other = seen.setdefault((*pair, method), (grid.cross_tokenizer, i))
+                    if other[0] != grid.cross_tokenizer:
+                        raise ValueError(
+                            f"kd_runs.{i}.cross_tokenizer: {pair[0]} -> {pair[1]} {method} already runs with "
+                            f"{other[0]} (kd_runs.{other[1]}); the report takes a pair's best KD row per method, so "
+                            "give each method one cross-tokenizer loss per pair (run the other in a second study)")
 
     def _named_models(self, teachers: set[str], students: set[str]) -> list[tuple[str, list[str], set[str]]]:
         named = [("ablations.teachers", self.ablations.teachers or [], teachers)]

@@ -71,6 +71,11 @@ class CrossTokenizerTeacher:
         self.device = self.online.device
         self.beta, self.alpha = beta, alpha
 
+    @property
+    def calls(self) -> int:
+        """Teacher forward passes so far (as ``OnlineTeacher.calls``; a study's KD job reports them)."""
+        return self.online.calls
+
     def state_dict(self) -> dict[str, Any]:
         return self.online.state_dict()
 
