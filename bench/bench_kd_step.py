@@ -49,6 +49,10 @@ import torch
 import torch.nn.functional as F
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
+from kdscope.fused import LinearHead, fused_distill_parts, fused_supported, last_hidden_states
+from kdscope.losses import distill_loss
+from kdscope.teacher import OnlineTeacher
+
 VOCAB = 151936  # Qwen2.5-0.5B/1.5B/3B logit width
 SEQ = 256  # default tokens per sequence (--seq)
 VARIANTS = ("study", "trl", "kdscope", "fused", "liger64", "liger1024")
@@ -86,9 +90,6 @@ def next_token_mask(batch: Batch) -> torch.Tensor:
 
 
 def kdscope_loss(temperature: float) -> StepLoss:
-    from kdscope.losses import distill_loss
-    from kdscope.teacher import OnlineTeacher
-
     teacher_signal: OnlineTeacher | None = None
 
     def step_loss(student: Qwen2ForCausalLM, teacher: Qwen2ForCausalLM, batch: Batch) -> torch.Tensor:
@@ -102,8 +103,6 @@ def kdscope_loss(temperature: float) -> StepLoss:
 
 
 def fused_loss(temperature: float) -> StepLoss:
-    from kdscope.fused import LinearHead, fused_distill_parts, fused_supported, last_hidden_states
-
     def step_loss(student: Qwen2ForCausalLM, teacher: Qwen2ForCausalLM, batch: Batch) -> torch.Tensor:
         assert fused_supported(student) and fused_supported(teacher)
         hidden = last_hidden_states(student, batch["input_ids"], batch["attention_mask"])
@@ -118,9 +117,7 @@ def fused_loss(temperature: float) -> StepLoss:
 
 
 def liger_loss(temperature: float, chunk_size: int) -> StepLoss:
-    from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
-
-    from kdscope.fused import last_hidden_states
+    from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss  # a peer's import, paid only by its variants
 
     jsd = LigerFusedLinearJSDLoss(weight_hard_loss=0.0, weight_soft_loss=1.0, beta=0.0, temperature=temperature,
                                   compiled=False, chunk_size=chunk_size)

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -381,3 +384,32 @@ def test_online_teacher_hidden_gives_the_online_teachers_loss() -> None:
         assert rel_err(fused.total.detach(), dense.total.detach()) < 1e-5
         assert teacher.calls == 2
     assert not fused_teacher_ready(OnlineTeacher(teacher_model, topk=4))
+
+
+FSDP_CHECK = """
+import os, torch, torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from kdscope.fused import fused_supported, fused_unsupported_reason
+from kdscope.models import build_tiny_model
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ["PORT"])
+dist.init_process_group("gloo", rank=0, world_size=1)
+model, _ = build_tiny_model("tiny-qwen-xs")
+assert fused_supported(model), fused_unsupported_reason(model)
+mesh = init_device_mesh("cpu", (1,))
+for layer in model.model.layers:
+    fully_shard(layer, mesh=mesh)
+fully_shard(model, mesh=mesh)
+print(fused_unsupported_reason(model))
+dist.destroy_process_group()
+"""
+
+
+def test_fsdp_sharded_model_is_not_fused() -> None:
+    """An FSDP2-sharded teacher (placement fsdp) gathers its parameters in its own forward hooks, which the decoder
+    body + head weight of the fused path would bypass: it must fall back (a one-rank gloo group, in a subprocess)."""
+    port = str(29500 + os.getpid() % 1000)
+    done = subprocess.run([sys.executable, "-c", FSDP_CHECK], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PORT": port, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "sharded (FSDP" in done.stdout

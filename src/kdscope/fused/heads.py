@@ -9,6 +9,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
 
 LOG = logging.getLogger("kdscope.fused")
 
@@ -48,6 +50,11 @@ def fused_unsupported_reason(model: Any) -> str | None:
     head = model.get_output_embeddings()
     if type(head) is not torch.nn.Linear:  # a LoRA-wrapped or quantised head computes more than hidden @ W.T
         return f"its output head is a {type(head).__name__}, not a plain Linear"
+    # FSDP2 and DeepSpeed ZeRO-3 gather sharded parameters in the model's own forward hooks, which the fused path
+    # (decoder body, then the head weight) would bypass
+    if isinstance(head.weight, DTensor) or hasattr(head.weight, "ds_id") or any(
+            isinstance(m, FSDPModule) for m in model.modules()):
+        return "its parameters are sharded (FSDP or DeepSpeed ZeRO-3) and only its own forward gathers them"
     config = getattr(model, "config", None)
     for name, neutral in _NEUTRAL_LOGIT_SETTINGS:
         value = getattr(config, name, neutral)
