@@ -175,6 +175,20 @@ def test_kd_noise_equals_its_seeded_dense_reference(models) -> None:
             assert rel_err(f, p) < TOL
 
 
+def test_teachers_that_cannot_run_fused(models) -> None:
+    """A noisy top-k teacher (its top-k needs the noisy dense draw) meets the fused student with its own top-k; a
+    teacher with a LoRA head gives full logits, met by the student's full logits from the same hidden states."""
+    student, teacher, tok = models
+    noisy = TrainSettings(objective="kd", loss="forward_kl", noise_sigma=1.0, teacher_topk=64, **BASE)
+    assert_fused_equals_plain(_trainable(student), _batches(tok, noisy), noisy,
+                              lambda: OnlineTeacher(teacher, topk=64, noise_sigma=1.0, seed=3))
+    lora_head = attach_lora(copy.deepcopy(teacher), LoraSettings(r=4, alpha=8, dropout=0.0,
+                                                                 target_modules=["q_proj", "lm_head"])).eval()
+    settings = TrainSettings(objective="kd", loss="reverse_kl", temperature=2.0, **BASE)
+    assert_fused_equals_plain(_trainable(student), _batches(tok, settings), settings,
+                              lambda: OnlineTeacher(lora_head, temperature=2.0))
+
+
 @pytest.fixture(scope="module")
 def cache(models, tmp_path_factory: pytest.TempPathFactory) -> TeacherCache:
     _, teacher, tok = models
