@@ -28,6 +28,7 @@ Needs the benchmark environment (TRL and Liger are not kdscope dependencies):
     python3 -m venv .bench-venv && .bench-venv/bin/pip install torch==2.13.0
     .bench-venv/bin/pip install -e . -r bench/requirements-bench.txt
     .bench-venv/bin/python bench/bench_kd_step.py
+    .bench-venv/bin/python bench/bench_kd_step.py --profile   # model FLOP utilisation and a profile of the fused step
 """
 
 from __future__ import annotations
@@ -228,6 +229,64 @@ def run_variant(variant: str, steps: int, temperature: float, batch_size: int, s
     }
 
 
+def model_flops_per_token(model: Qwen2ForCausalLM, seq: int, training: bool) -> float:
+    """PaLM's count: 6N + 12 L H S per token for a training step (2N + 4 L H S for a forward), N the parameters
+    that multiply (all but the input embedding), L layers, H hidden size, S tokens per sequence (attention)."""
+    config = model.config
+    n = sum(p.numel() for p in model.parameters()) - model.get_input_embeddings().weight.numel()
+    attention = config.num_hidden_layers * config.hidden_size * seq
+    return 6 * n + 12 * attention if training else 2 * n + 4 * attention
+
+
+def matmul_flops_per_s(m: int, k: int, n: int, repeats: int = 5) -> float:
+    """Best-of-``repeats`` float32 FLOP/s of an [m, k] x [k, n] product on this machine now."""
+    a, b = torch.randn(m, k), torch.randn(k, n)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * m * k * n / best
+
+
+def profile_fused(args: argparse.Namespace) -> str:
+    """Model FLOP utilisation of the fused step against matmuls measured in the same process, and a profile table."""
+    temperature = args.temperatures[0]
+    step_loss = fused_loss(temperature)
+    student, teacher = tiny_qwen(hidden=64, seed=1).train(), tiny_qwen(hidden=128, seed=2).eval()
+    optimizer = torch.optim.AdamW(student.parameters(), lr=3e-4)
+    batch = make_batch(seed=3, batch=args.batch, seq=args.seq)
+
+    def one_step() -> None:
+        step_loss(student, teacher, batch).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    one_step()
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        one_step()
+    seconds = (time.perf_counter() - start) / args.steps
+    tokens = args.batch * args.seq
+    flops = tokens * (model_flops_per_token(student, args.seq, True) + model_flops_per_token(teacher, args.seq, False))
+    square = matmul_flops_per_s(2048, 2048, 2048)
+    head = matmul_flops_per_s(tokens, 128, VOCAB)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        one_step()
+    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.profile_rows)
+    return "\n".join([
+        f"fused KD step, T={temperature:g}, batch {args.batch} x {args.seq}, torch threads {torch.get_num_threads()}: "
+        f"{seconds:.2f} s/step, {tokens / seconds:.0f} tokens/s",
+        f"model FLOPs per step {flops / 1e9:.1f} GFLOP (student 6N + attention, teacher 2N + attention): "
+        f"{flops / seconds / 1e9:.2f} GFLOP/s",
+        f"ceiling, float32 matmul 2048^3: {square / 1e9:.2f} GFLOP/s -> MFU {flops / seconds / square:.1%}; "
+        f"head-shaped [{tokens}, 128] x [128, {VOCAB}]: {head / 1e9:.2f} GFLOP/s -> {flops / seconds / head:.1%}",
+        "",
+        table,
+    ])
+
+
 def versions() -> str:
     from importlib.metadata import version
 
@@ -274,7 +333,13 @@ def main() -> None:
     parser.add_argument("--temperatures", type=float, nargs="+", default=[1.0, 2.0])
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     parser.add_argument("--variant", choices=VARIANTS, help="run one variant in this process and print JSON")
+    parser.add_argument("--profile", action="store_true", help="the fused step only: model FLOP utilisation against "
+                        "matmuls measured in the same process, and a torch.profiler table (first temperature)")
+    parser.add_argument("--profile-rows", type=int, default=15, help="rows of the profiler table")
     args = parser.parse_args()
+    if args.profile:
+        print(profile_fused(args))
+        return
     if args.variant:
         print(json.dumps(run_variant(args.variant, args.steps, args.temperatures[0], args.batch, args.seq)))
         return
