@@ -8,7 +8,9 @@ Measures, per task:
 - embedding cosine of the two rationales with a sentence-transformers model (optional extra ``embeddings``);
 - the 2x2 joint-correctness table: both right, only the teacher, only the student, neither.
 Token-level fidelity (`token_fidelity`) needs both models: the student's mean KL(teacher || student) and top-1
-agreement per token, teacher-forced on the teacher's own generated rationale.
+agreement per token, teacher-forced on the teacher's own generated rationale. A pair whose tokenizers differ (a
+cross-family pair) is compared on aligned spans (`aligned_token_fidelity`, kdscope.xtok); agreement and the other
+record-based measures compare texts and answers, so they need nothing of the tokenizers.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ import torch
 from .errors import InputError
 from .evaluation import read_done
 from .tasks import MATH_TOLERANCE, get_task
+from .teacher import logit_width
+from .xtok import align_text, aligned_batch, shared_vocabulary, token_spelling, xtok_loss_parts
 
 Records = dict[int, dict[str, Any]]
 
@@ -135,9 +139,15 @@ def token_fidelity(
     prompts: Sequence[str],
     teacher_outputs: Sequence[str],
     batch_size: int = 8,
+    student_tokenizer: Any = None,
 ) -> dict[str, float]:
     """Teacher-forced on prompt + the teacher's own output: mean KL(teacher || student) and top-1 agreement over the
-    output tokens (token-weighted). Logits are cut to the common vocabulary width (Qwen2.5 sizes differ in padding)."""
+    output tokens (token-weighted). Logits are cut to the common vocabulary width (Qwen2.5 sizes differ in padding).
+    ``student_tokenizer``: the student's, when it is not ``tokenizer`` (the teacher's): see
+    `aligned_token_fidelity`."""
+    if student_tokenizer is not None and student_tokenizer is not tokenizer:
+        return aligned_token_fidelity(teacher, student, tokenizer, student_tokenizer, prompts, teacher_outputs,
+                                      batch_size)
     sequences = []
     for prompt, output in zip(prompts, teacher_outputs):
         prompt_ids = tokenizer(prompt)["input_ids"]
@@ -169,6 +179,76 @@ def token_fidelity(
         agree += int((t_logp.argmax(-1) == s_logp.argmax(-1)).sum())
         count += int(scored.sum())
     return {"kl_teacher_student": kl_sum / count, "top1_agreement": agree / count, "tokens": float(count)}
+
+
+def _padded(rows: Sequence[Sequence[int]], pad: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad if pad is not None else 0, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for r, row in enumerate(rows):  # right padding: no position shift needed for causal models
+        ids[r, : len(row)] = torch.tensor(list(row), dtype=torch.long)
+        mask[r, : len(row)] = 1
+    return ids, mask
+
+
+@torch.no_grad()
+def aligned_token_fidelity(
+    teacher: Any,
+    student: Any,
+    teacher_tokenizer: Any,
+    student_tokenizer: Any,
+    prompts: Sequence[str],
+    teacher_outputs: Sequence[str],
+    batch_size: int = 8,
+) -> dict[str, float]:
+    """`token_fidelity` for two tokenizers: each model reads prompt + output in its own tokens, and the two
+    tokenisations are aligned by byte offsets (kdscope.xtok). The scored spans are those whose teacher tokens all
+    follow the teacher's prompt tokens. ``kl_teacher_student``: the mean over those spans of xtok_kl at T=1 (a 1:1
+    span: exact KL on the token strings both vocabularies write, the rest one tail bucket per side; a merged span: KL
+    of [P(span), 1 - P(span)]). ``top1_agreement``: over the 1:1 spans, whether both models' most likely next token
+    writes the same string (a string only one side can write never agrees). With one tokenizer every span is a
+    token and both equal `token_fidelity`'s. ``tokens``: scored spans; ``one_to_one_spans``: those top-1 counts."""
+    spellings = (token_spelling(student_tokenizer), token_spelling(teacher_tokenizer))
+    vocab = shared_vocabulary(*spellings, logit_width(student), logit_width(teacher))
+    rows = []
+    for prompt, output in zip(prompts, teacher_outputs):
+        s_ids, t_ids, alignment = align_text(prompt + output, student_tokenizer, teacher_tokenizer,
+                                             spellings=spellings)
+        t_prompt = len(teacher_tokenizer(prompt)["input_ids"])
+        first = next((span.student[0] for span in alignment.spans if span.teacher[0] >= t_prompt), None)
+        if first is not None and first >= 1:
+            rows.append((s_ids, t_ids, alignment, first))
+    if not rows:
+        raise InputError("token fidelity: no teacher output has any tokens")
+    s_device, t_device = next(student.parameters()).device, next(teacher.parameters()).device
+    kl_sum, agree, spans, one_to_one = 0.0, 0, 0, 0
+    for start in range(0, len(rows), batch_size):
+        batch = rows[start : start + batch_size]
+        s_ids, s_mask = _padded([r[0] for r in batch], student_tokenizer.pad_token_id)
+        t_ids, t_mask = _padded([r[1] for r in batch], teacher_tokenizer.pad_token_id)
+        scored = torch.zeros(s_ids.shape, dtype=torch.bool)  # student positions predicting the scored spans' tokens
+        for r, (ids, _, _, first) in enumerate(batch):
+            scored[r, first - 1 : len(ids) - 1] = True
+        aligned = aligned_batch([r[2] for r in batch], s_ids, t_ids, scored)
+        if not aligned.spans:
+            continue
+        s_logits = student(input_ids=s_ids.to(s_device), attention_mask=s_mask.to(s_device)).logits.float()
+        t_logits = teacher(input_ids=t_ids.to(t_device), attention_mask=t_mask.to(t_device)).logits.float()
+        parts = xtok_loss_parts(s_logits, t_logits.to(s_logits.device), aligned, vocab, "xtok_kl", 1.0, False)
+        kl_sum += float(parts.total)
+        spans += parts.count
+        one = aligned.one_to_one
+        first_s = aligned.student.span_start[:-1][one]
+        first_t = aligned.teacher.span_start[:-1][one]
+        s_top = s_logits[aligned.student.batch[first_s], aligned.student.position[first_s]].argmax(-1).cpu()
+        t_top = t_logits[aligned.teacher.batch[first_t], aligned.teacher.position[first_t]].argmax(-1).cpu()
+        s_bucket, t_bucket = vocab.student_bucket[s_top], vocab.teacher_bucket[t_top]
+        agree += int(((s_bucket == t_bucket) & (s_bucket < vocab.shared)).sum())
+        one_to_one += int(one.sum())
+    if not spans:
+        raise InputError("token fidelity: no aligned span of the teacher outputs follows its prompt")
+    return {"kl_teacher_student": kl_sum / spans, "top1_agreement": agree / one_to_one if one_to_one else float("nan"),
+            "tokens": float(spans), "one_to_one_spans": float(one_to_one)}
 
 
 # --------------------------------------------------------------------------------------------------------------------
