@@ -143,9 +143,10 @@ def token_fidelity(
 ) -> dict[str, float]:
     """Teacher-forced on prompt + the teacher's own output: mean KL(teacher || student) and top-1 agreement over the
     output tokens (token-weighted). Logits are cut to the common vocabulary width (Qwen2.5 sizes differ in padding).
-    ``student_tokenizer``: the student's, when it is not ``tokenizer`` (the teacher's): see
-    `aligned_token_fidelity`."""
-    if student_tokenizer is not None and student_tokenizer is not tokenizer:
+    ``student_tokenizer``: the student's; when its vocabulary is not the teacher's (``tokenizer``), the positions
+    are compared on aligned spans (`aligned_token_fidelity`)."""
+    if student_tokenizer is not None and student_tokenizer is not tokenizer and \
+            student_tokenizer.get_vocab() != tokenizer.get_vocab():
         return aligned_token_fidelity(teacher, student, tokenizer, student_tokenizer, prompts, teacher_outputs,
                                       batch_size)
     sequences = []
