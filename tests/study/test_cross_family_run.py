@@ -6,7 +6,6 @@ report, through the same study jobs as a same-family pair (ULD takes the same pa
 from __future__ import annotations
 
 import math
-import sys
 from pathlib import Path
 
 import pandas as pd
@@ -15,9 +14,7 @@ from transformers import AutoModelForCausalLM
 
 from kdscope.models import save_model, tiny_config
 from kdscope.study import Study, StudyStore, expand, run_study
-
-sys.path.insert(0, str(Path(__file__).parents[1]))
-from xtok_tokenizers import sentencepiece_tokenizer  # noqa: E402
+from xtok_tokenizers import sentencepiece_tokenizer
 
 LABELS = {"student_KD_xtok_kl_temp_2.0": "xtok_kl", "student_RevKD_xtok_kl_temp_2.0": "xtok_reverse_kl",
           "student_GKD_xtok_kl_temp_1.0": "xtok_jsd"}
