@@ -1,21 +1,25 @@
 """Token-level fidelity of a cross-family pair (issue 16): the teacher-forced KL and top-1 agreement on aligned spans.
 With one tokenizer (given as a second object) it must equal today's token fidelity; across vocabularies it must equal
-a span-by-span restatement with Python dictionaries."""
+a span-by-span restatement with Python dictionaries; `kdscope fidelity` reads the student with its own tokenizer."""
 
 from __future__ import annotations
 
 import copy
+import json
 import math
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
+from typer.testing import CliRunner
 
+from kdscope.cli import app
 from kdscope.fidelity import aligned_token_fidelity, token_fidelity
-from kdscope.models import build_tiny_model, tiny_config, tiny_tokenizer
+from kdscope.models import build_tiny_model, save_model, tiny_config, tiny_tokenizer
 from kdscope.xtok import align_text, token_spelling
 from xtok_tokenizers import sentencepiece_tokenizer
 
@@ -101,3 +105,29 @@ def test_different_tokenizers_match_a_span_by_span_restatement() -> None:
     assert math.isfinite(got["kl_teacher_student"]) and got["kl_teacher_student"] > 0
     assert got["kl_teacher_student"] == pytest.approx(sum(x[0] for x in parts) / spans, rel=1e-4)
     assert got["top1_agreement"] == pytest.approx(sum(x[1] for x in parts) / ones)
+
+
+def test_cli_fidelity_of_a_cross_family_pair(tmp_path: Path) -> None:
+    """`kdscope fidelity --teacher-model --student-model` with a student on another tokenizer: agreement from the
+    answers, token-level fidelity on aligned spans (the student's own tokenizer, not the teacher's)."""
+    s_tok = sentencepiece_tokenizer()
+    torch.manual_seed(4)
+    student = AutoModelForCausalLM.from_config(tiny_config("tiny-llama-s", len(s_tok), s_tok.eos_token_id,
+                                                           s_tok.pad_token_id))
+    save_model(student, s_tok, tmp_path / "student-model")
+    records = [{"task": "gsm8k", "index": i, "prompt": p, "output": o, "pred": float(i), "correct": i == 0}
+               for i, (p, o) in enumerate(zip(PROMPTS, OUTPUTS))]
+    runs = {}
+    for name in ("teacher", "student"):
+        runs[name] = tmp_path / name
+        runs[name].mkdir()
+        (runs[name] / "gsm8k.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    res = CliRunner().invoke(app, ["fidelity", "--teacher", str(runs["teacher"]), "--student", str(runs["student"]),
+                                   "--teacher-model", "builtin:tiny-qwen-xs", "--student-model",
+                                   str(tmp_path / "student-model"), "--out", str(tmp_path / "fid")])
+    assert res.exit_code == 0, res.output
+    token = json.loads((tmp_path / "fid" / "fidelity.json").read_text())["tasks"]["gsm8k"]["token"]
+    teacher, t_tok = build_tiny_model("tiny-qwen-xs", seed=0)
+    expected = aligned_token_fidelity(teacher, student.eval(), t_tok, s_tok, PROMPTS, OUTPUTS)
+    assert token["one_to_one_spans"] == expected["one_to_one_spans"] > 0
+    assert token["kl_teacher_student"] == pytest.approx(expected["kl_teacher_student"], rel=1e-5)

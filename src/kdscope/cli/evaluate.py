@@ -142,7 +142,7 @@ def fidelity_cmd(
     out: Optional[Path] = typer.Option(None, "--out", help="Where to write the tables (default: <student>/fidelity)."),
     embed_model: Optional[Path] = typer.Option(None, "--embed-model", help="A sentence-transformers model folder: adds embedding cosine."),
     teacher_model: Optional[str] = typer.Option(None, "--teacher-model", help="With --student-model: token-level KL and top-1 agreement."),
-    student_model: Optional[str] = typer.Option(None, "--student-model", help="The student model (shares the teacher's tokenizer)."),
+    student_model: Optional[str] = typer.Option(None, "--student-model", help="The student model (another tokenizer: compared on aligned spans)."),
     token_limit: Optional[int] = typer.Option(None, "--token-limit", help="Token-level fidelity on the first N items per task."),
     teacher_name: Optional[str] = typer.Option(None, "--teacher-name", help="Teacher column (default: the folder name)."),
     student_name: Optional[str] = typer.Option(None, "--student-name", help="Student column (default: the folder name)."),
@@ -160,12 +160,12 @@ def fidelity_cmd(
         from ..models import load_model
 
         t_model, tok = load_model(teacher_model)
-        s_model, _ = load_model(student_model)
+        s_model, s_tok = load_model(student_model)
         t_runs, s_runs = load_run(teacher), load_run(student)
         for task in results:
             pairs = paired(t_runs[task], s_runs[task], task)[:token_limit]
             results[task]["token"] = token_fidelity(t_model, s_model, tok, [t["prompt"] for t, _ in pairs],
-                                                    [t["output"] for t, _ in pairs])
+                                                    [t["output"] for t, _ in pairs], student_tokenizer=s_tok)
     target = out or student / "fidelity"
     paths = write_tables(results, target, teacher_name or teacher.name, student_name or student.name, method)
     for task, res in results.items():
