@@ -28,6 +28,7 @@ from typing import Any, Literal, Sequence, TypeVar
 import torch
 
 from .errors import InputError
+from .models import resolve_device
 
 T = TypeVar("T")
 Placement = Literal["replicate", "device", "spread", "fsdp", "zero3"]
@@ -105,8 +106,6 @@ def init_distributed(device: str = "auto") -> DistContext:
     ``device`` as in `kdscope.models.resolve_device`; under a launcher each rank takes ``cuda:<LOCAL_RANK>`` on GPUs.
     """
     import torch.distributed as dist
-
-    from .models import resolve_device
 
     world = launched_world_size()
     base = resolve_device(device)

@@ -9,6 +9,10 @@ from typing import Optional
 import typer
 
 from ..errors import InputError
+from ..report import JOINT_COLUMNS, render_report
+from ..stats import (ITEM_COLUMNS, analyse, headline, json_ready, markdown_report, read_side_tables, read_tables,
+                     require_analysable)
+from ..study.tables import report_from_store
 from .common import app, user_errors
 
 
@@ -25,9 +29,6 @@ def stats_cmd(
 ) -> None:
     """Reproduce the study's statistical analysis (t-tests, ANOVA, Spearman) and add adjusted p-values, effect sizes,
     robustness tests and a regression. Prints the headline tests (Average, pooled over methods)."""
-    from ..stats import (ITEM_COLUMNS, analyse, headline, json_ready, markdown_report, read_side_tables, read_tables,
-                        require_analysable)
-
     for option, target in (("--json", json_out), ("--markdown", markdown_out)):
         if target is not None and target.is_dir():
             raise InputError(f"{option} {target}: is a folder; give a file path, e.g. {target / 'stats.json'}"
@@ -58,14 +59,9 @@ def report_cmd(
     """Render one self-contained HTML report (tables, tests, plots) and a Markdown twin.
 
     Given a study folder (with study.sqlite), the report is rendered from the study's store."""
-    from ..report import JOINT_COLUMNS, render_report
-    from ..stats import read_side_tables, read_tables
-
     if out.is_dir():
         raise InputError(f"--out {out}: is a folder; give an HTML file path, e.g. {out / 'report.html'}")
     if len(results) == 1 and (results[0] / "study.sqlite").is_file():
-        from ..study.tables import report_from_store
-
         path = report_from_store(results[0], out, seed=seed)
         typer.echo(f"wrote {path} and {path.with_suffix('.md')}")
         return

@@ -9,7 +9,13 @@ from typing import Optional
 import typer
 from pydantic import ValidationError
 
+from ..data import find_task_file, load_examples, load_task
 from ..errors import InputError, one_line
+from ..evaluation import (HFGenerator, evaluate_generate_with, evaluate_loglik, generation_preset, make_generator,
+                          score_records, summary_row, write_summary_csv)
+from ..fidelity import compare_runs, load_run, paired, token_fidelity, write_tables
+from ..models import load_model
+from ..tasks import TASKS
 from .common import app, option_name, output_folder, user_errors
 
 
@@ -20,9 +26,6 @@ def tasks_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
     """List the study's 14 tasks: domain, answer type, scoring rule, and loaded size when --data is given."""
-    from ..data import find_task_file, load_examples
-    from ..tasks import TASKS
-
     rows = []
     for task in TASKS.values():
         row: dict[str, object] = {
@@ -60,8 +63,6 @@ def score_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print a JSON object."),
 ) -> None:
     """Re-score saved generations with the study's exact parsing and correctness rule."""
-    from ..evaluation import score_records
-
     try:
         summary = score_records(task, predictions, field)
     except KeyError as e:
@@ -95,10 +96,6 @@ def eval_cmd(
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
 ) -> None:
     """Evaluate a model on tasks (generative or likelihood); resumes from existing per-item records in --out."""
-    from ..data import load_task
-    from ..evaluation import (HFGenerator, evaluate_generate_with, evaluate_loglik, generation_preset, make_generator,
-                             summary_row, write_summary_csv)
-
     if mode not in ("generate", "loglik"):
         raise InputError(f"--mode {mode!r}: use generate or loglik")
     if backend not in ("auto", "hf", "vllm"):
@@ -149,16 +146,12 @@ def fidelity_cmd(
     method: str = typer.Option("KD", "--method", help="Method column (e.g. SFT, KD)."),
 ) -> None:
     """Teacher-student agreement, BLEU/chrF (and embedding cosine, token-level KL) per task, as CSV tables and JSON."""
-    from ..fidelity import compare_runs, load_run, paired, token_fidelity, write_tables
-
     if (teacher_model is None) != (student_model is None):
         raise InputError("token-level fidelity needs both --teacher-model and --student-model")
     if out is not None:
         output_folder(out)
     results = compare_runs(teacher, student, embed_model)
     if teacher_model is not None and student_model is not None:
-        from ..models import load_model
-
         t_model, tok = load_model(teacher_model)
         s_model, s_tok = load_model(student_model)
         t_runs, s_runs = load_run(teacher), load_run(student)

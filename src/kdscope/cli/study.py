@@ -9,12 +9,12 @@ from typing import Optional, Sequence
 import typer
 
 from ..errors import InputError
+from ..study import StudyStore, builtin_study, expand, load_study, run_study, study_dir
+from ..study.run import plan, plan_text
 from .common import app, output_folder, user_errors
 
 
 def _run_study(study_path: Path, out: Optional[Path], progress: bool, redo: Sequence[str] = ()) -> Path:
-    from ..study import load_study, run_study, study_dir
-
     study = load_study(study_path)
     root = output_folder(study_dir(study, out))
     summary = run_study(study, root, progress=progress, log=lambda m: typer.echo(m, err=True), redo=redo)
@@ -44,9 +44,6 @@ def run_cmd(
 ) -> None:
     """Run a study: expand it into jobs and run what is missing or changed (a killed run resumes)."""
     if show_plan:
-        from ..study import load_study
-        from ..study.run import plan, plan_text
-
         resolved = plan(load_study(study, allow_missing_inputs=True))
         typer.echo(json.dumps(resolved, indent=1) if as_json else plan_text(resolved))
         missing = sorted({m["path"] for m in resolved["missing_inputs"]})
@@ -66,8 +63,6 @@ def demo_cmd(
     progress: bool = typer.Option(True, "--progress/--quiet", help="Show progress bars."),
 ) -> None:
     """The study's whole design in miniature on built-in tiny models: offline, CPU, a few minutes."""
-    from ..study import builtin_study
-
     typer.echo(f"kdscope demo: the built-in study {builtin_study('demo')} -> {out}", err=True)
     _run_study(builtin_study("demo"), out, progress)
 
@@ -81,8 +76,6 @@ def status_cmd(
 ) -> None:
     """Show the jobs of a study with their state and times: pending, running, interrupted (its run was killed;
     the next `kdscope run` resumes it), done, failed, blocked (a job it depends on failed)."""
-    from ..study import StudyStore, expand, load_study, study_dir
-
     if study.is_dir():
         store, jobs = StudyStore(study / "study.sqlite", create=False), None
     else:

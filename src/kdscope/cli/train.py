@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Optional, Sequence
+from typing import Annotated, Optional, Sequence
 
 import typer
 from pydantic import ValidationError
+from tqdm.auto import tqdm
 
+from ..cache import TeacherCache, build_teacher_signal, cache_key, encode_sequences
+from ..data import load_training_data
+from ..distributed import PLACEMENTS, close_distributed, default_placement, init_distributed, place_teacher
 from ..errors import InputError, one_line
+from ..models import load_model
+from ..teacher import logit_width
+from ..train import TrainSettings, prepare_student, train
 from .common import app, option_name, output_folder, user_errors
-
-
-if TYPE_CHECKING:
-    from ..train import TrainSettings
 
 
 train_app = typer.Typer(help="Train students and teachers: SFT baselines and distillation.", no_args_is_help=True)
@@ -22,9 +25,7 @@ app.add_typer(train_app, name="train")
 _LORA_HELP = "Train LoRA adapters (the study's r=8, alpha=16, dropout 0.05, q/k/v/up/down) or all weights."
 
 
-def _settings(objective: str, **fields: object) -> "TrainSettings":
-    from ..train import TrainSettings
-
+def _settings(objective: str, **fields: object) -> TrainSettings:
     values = {k: v for k, v in fields.items() if v is not None}
     lora = values.pop("lora", True)
     try:
@@ -34,17 +35,10 @@ def _settings(objective: str, **fields: object) -> "TrainSettings":
         raise one_line(e, name=option_name) from None
 
 
-def _train(student_ref: str, data: str, out: Path, settings: "TrainSettings", resume: bool,
+def _train(student_ref: str, data: str, out: Path, settings: TrainSettings, resume: bool,
            teacher_ref: Optional[str] = None, teacher_adapter: Optional[Path] = None, device: str = "auto",
            teacher_placement: Optional[str] = None, teacher_devices: Sequence[str] = ()) -> None:
     """Train in this process, or as one rank of a data-parallel run when started by torchrun / accelerate launch."""
-    from ..data import load_training_data
-    from ..distributed import PLACEMENTS, close_distributed, default_placement, init_distributed, place_teacher
-    from ..cache import build_teacher_signal
-    from ..models import load_model
-    from ..teacher import logit_width
-    from ..train import prepare_student, train
-
     output_folder(out)
     ctx = init_distributed(device)
     examples = load_training_data(data, seed=settings.seed)
@@ -188,12 +182,6 @@ def cache_teacher_cmd(
     progress: bool = typer.Option(True, "--progress/--quiet", help="Show a progress bar."),
 ) -> None:
     """Run the teacher once over a training set and store its top-k signal (compressed, sharded, indexed) for KD."""
-    from tqdm.auto import tqdm
-
-    from ..cache import TeacherCache, cache_key, encode_sequences
-    from ..data import load_training_data
-    from ..models import load_model
-
     try:
         temps = [float(t) for t in temperatures.split(",") if t.strip()]
     except ValueError:
