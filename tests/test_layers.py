@@ -22,7 +22,7 @@ SRC = Path(kdscope.__file__).parent
 # The pipeline, bottom first. "kdscope" is the package's own __init__ (the version).
 LAYERS: tuple[str, ...] = (
     "kdscope", "errors", "files", "progress",
-    "prompts", "synthetic", "tasks", "data", "labels",
+    "prompts", "padding", "synthetic", "tasks", "data", "labels",
     "models", "teacher", "losses", "fused", "xtok", "cache",
     "distributed", "train", "evaluation", "fidelity",
     "stats", "plots", "report", "study", "cli",

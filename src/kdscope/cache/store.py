@@ -16,6 +16,7 @@ from torch import Tensor
 from ..errors import InputError
 from ..files import atomic_write_bytes
 from ..fused import DEFAULT_MEMORY_BUDGET_BYTES, chunked_topk, fused_supported, online_teacher_hidden
+from ..padding import pad_rows
 from ..teacher import OnlineTeacher
 from .codec import (CODECS, VALUE_DTYPES, Codec, RecordFormat, SparseRecord, index_dtype, normalised_temperatures,
                     sparse_record, sparsify)
@@ -37,16 +38,6 @@ def _unique_in_order(sequences: Sequence[Sequence[int]]) -> list[tuple[str, list
     for ids in sequences:
         seen.setdefault(sequence_hash(ids), list(ids))
     return list(seen.items())
-
-
-def _right_padded(batch: Sequence[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
-    width = max(len(ids) for ids in batch)
-    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    attention = torch.zeros((len(batch), width), dtype=torch.long)
-    for row, ids in enumerate(batch):
-        input_ids[row, : len(ids)] = torch.tensor(ids)
-        attention[row, : len(ids)] = 1
-    return input_ids, attention
 
 
 class TeacherCache:
@@ -225,7 +216,7 @@ def _build_shard(out: Path, shard: int, members: list[tuple[str, list[int]]], te
     offset = 0
     for start in range(0, len(ordered), batch_size):
         batch = ordered[start : start + batch_size]
-        input_ids, attention = _right_padded([ids for _, ids in batch], pad_id)
+        input_ids, attention = pad_rows([ids for _, ids in batch], pad_id)
         device = teacher.device
         input_ids, attention = input_ids.to(device), attention.to(device)
         if fused_budget is None:

@@ -11,6 +11,7 @@ import torch
 
 from ..errors import InputError
 from ..losses import kd_token_mask
+from ..padding import pad_rows
 from ..prompts import Encoded, Example
 from .settings import TrainSettings
 
@@ -31,13 +32,9 @@ class Batch:
 def collate(items: Sequence[Encoded], pad_id: int, token_mask: str) -> Batch:
     """Right-padded ids and the two loss masks; ``token_mask="response"`` drops the positions that predict prompt
     tokens (KD keeps the last prompt position, which predicts the first response token)."""
-    width = max(len(e.input_ids) for e in items)
-    ids = torch.full((len(items), width), pad_id, dtype=torch.long)
-    attn = torch.zeros((len(items), width), dtype=torch.long)
-    response = torch.zeros((len(items), width), dtype=torch.bool)
+    ids, attn = pad_rows([e.input_ids for e in items], pad_id)
+    response = torch.zeros(ids.shape, dtype=torch.bool)
     for i, e in enumerate(items):
-        ids[i, : len(e.input_ids)] = torch.tensor(e.input_ids)
-        attn[i, : len(e.input_ids)] = 1
         response[i, max(e.prompt_len - 1, 0):] = True
     kd_mask = kd_token_mask(attn, response, token_mask)  # type: ignore[arg-type]
     target_mask = kd_mask[:, :-1] & attn[:, 1:].bool()

@@ -9,6 +9,7 @@ from typing import Any, Sequence
 
 import torch
 
+from ..padding import pad_rows
 from ..prompts import Encoded, Example, encode_prompt
 from .batches import Batch, collate
 from .settings import TrainSettings
@@ -31,10 +32,9 @@ def sample_continuations(
     Sampling is the study's: the given temperature, no top-k, no top-p."""
     if max_new_tokens < 1:  # the prompts already fill the training length
         return [[] for _ in prompts]
-    width = max(len(p) for p in prompts)
     pad = tokenizer.pad_token_id
-    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
-    attn = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    ids, attn = pad_rows(prompts, pad, side="left")
+    width = ids.shape[1]
     was_training = model.training
     model.eval()
     sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0} if temperature else {"do_sample": False}
