@@ -5,11 +5,15 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
+from pydantic import BaseModel, ValidationError
 
 from kdscope.errors import InputError
-from kdscope.labels import (BASE_TEACHER, KD_METHOD_TABLE, KD_METHODS, format_size, kd_method, method_spec,
-                            noise_ablation, parse_row_label, row_label, student_size, teacher_name)
-from kdscope.losses import LOSS_NAMES
+from kdscope.labels import (BASE_TEACHER, DEFAULT_TEMPERATURE, KD_METHOD_TABLE, KD_METHODS, Temperature,
+                            check_temperature, format_size, is_temperature, kd_method, method_spec, noise_ablation,
+                            parse_row_label, row_label, student_size, teacher_name)
+from kdscope.losses import LOSS_NAMES, distill_loss
+from kdscope.teacher import OnlineTeacher
 
 
 def test_method_table_matches_the_study() -> None:
@@ -73,3 +77,30 @@ def test_name_parsing() -> None:
     assert teacher_name("Qwen2.5-3B_ckpt2400") == "Qwen2.5-3B"
     with pytest.raises(InputError):
         student_size("gpt2")
+
+
+@pytest.mark.parametrize("value", [0, -1.0, math.inf, math.nan, "hot", None])
+def test_one_temperature_rule_refuses_the_same_values_everywhere(value: object) -> None:
+    """The temperature has one validation (kdscope.labels.check_temperature): the loss, the online teacher and the
+    pydantic type all refuse exactly what it refuses, with its message."""
+
+    class Settings(BaseModel):
+        temperature: Temperature
+
+    assert not is_temperature(value)  # type: ignore[arg-type]
+    with pytest.raises(InputError, match="temperature must be > 0"):
+        check_temperature(value)  # type: ignore[arg-type]
+    if isinstance(value, (int, float)):  # pydantic refuses a non-number before the rule runs
+        with pytest.raises(ValidationError, match="temperature must be > 0"):
+            Settings(temperature=value)
+        logits = torch.zeros(1, 2, 3)
+        with pytest.raises(InputError, match="temperature must be > 0"):
+            distill_loss(logits, logits, torch.ones(1, 2), temperature=value)
+        with pytest.raises(InputError, match="temperature must be > 0"):
+            OnlineTeacher(torch.nn.Linear(1, 1), temperature=value)
+
+
+def test_temperature_accepts_any_positive_finite_number() -> None:
+    assert DEFAULT_TEMPERATURE == 1.0 and row_label("SeqKD") == "student_KD_temp_1.0"
+    assert check_temperature(2) == 2.0 and isinstance(check_temperature(2), float)
+    assert check_temperature(1e-3) == 1e-3

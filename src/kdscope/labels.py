@@ -16,9 +16,38 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated, Literal
+
+from pydantic import AfterValidator
 
 from .errors import InputError
+
+# --------------------------------------------------------------------------------------------------------------
+# The KD temperature: one default, one validation
+# --------------------------------------------------------------------------------------------------------------
+
+# T when a run names none; also the temperature a method that uses none (the study's GKD) is labelled with
+DEFAULT_TEMPERATURE = 1.0
+
+
+def is_temperature(value: float) -> bool:
+    """The one rule for a KD temperature T (logits divided by T, loss times T^2): a finite number > 0."""
+    try:
+        t = float(value)
+    except (TypeError, ValueError):
+        return False
+    return math.isfinite(t) and t > 0
+
+
+def check_temperature(value: float) -> float:
+    """``value`` as a float, or an `InputError` when it is no temperature."""
+    if not is_temperature(value):
+        raise InputError(f"temperature must be > 0, got {value}")
+    return float(value)
+
+
+# A temperature field of a settings model (YAML study, training settings): pydantic runs `check_temperature`
+Temperature = Annotated[float, AfterValidator(check_temperature)]
 
 # --------------------------------------------------------------------------------------------------------------
 # The one table of KD methods
@@ -101,7 +130,7 @@ def noise_ablation(sigma: float) -> str:
     return f"{NOISE_PREFIX}{_number(sigma)}"
 
 
-def row_label(method: str, temperature: float = 1.0, ablation: str = "", cross_tokenizer: str = "") -> str:
+def row_label(method: str, temperature: float = DEFAULT_TEMPERATURE, ablation: str = "", cross_tokenizer: str = "") -> str:
     """The study's row label of a KD student: ``student_KD_temp_2.0``, ``student_KD_base_teacher_temp_1.0``,
     ``student_KD_noise_2.0_temp_1.0`` (noise rows are kdscope's; the study released none); across tokenizers
     ``student_RevKD_xtok_kl_temp_2.0`` (no ablation)."""

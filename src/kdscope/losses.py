@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kdscope.errors import InputError
+from kdscope.labels import DEFAULT_TEMPERATURE, check_temperature
 
 LossName = Literal["forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd"]
 LOSS_NAMES: tuple[str, ...] = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd")
@@ -179,8 +180,7 @@ class _ChunkedRowLoss(torch.autograd.Function):
 def _validate(loss: str, temperature: float, beta: float, alpha: float, chunk_size: int) -> None:
     if loss not in LOSS_NAMES:
         raise InputError(f"unknown distillation loss {loss!r}: use one of {', '.join(LOSS_NAMES)}")
-    if not temperature > 0:
-        raise InputError(f"temperature must be > 0, got {temperature}")
+    check_temperature(temperature)
     if not 0.0 <= beta <= 1.0:
         raise InputError(f"beta must be in [0, 1], got {beta}")
     if not 0.0 <= alpha <= 1.0:
@@ -236,7 +236,7 @@ def distill_loss_parts(
     teacher_logits: Tensor,
     mask: Tensor,
     loss: str = "forward_kl",
-    temperature: float = 1.0,
+    temperature: float = DEFAULT_TEMPERATURE,
     beta: float = 0.5,
     alpha: float = 0.1,
     scale_by_t2: bool = True,
@@ -268,7 +268,7 @@ def distill_loss(
     teacher_logits: Tensor,
     mask: Tensor,
     loss: str = "forward_kl",
-    temperature: float = 1.0,
+    temperature: float = DEFAULT_TEMPERATURE,
     beta: float = 0.5,
     alpha: float = 0.1,
     scale_by_t2: bool = True,
@@ -337,7 +337,7 @@ def distill_loss_sparse(
     teacher_topk_indices: Tensor,
     mask: Tensor,
     loss: str = "forward_kl",
-    temperature: float = 1.0,
+    temperature: float = DEFAULT_TEMPERATURE,
     beta: float = 0.5,
     alpha: float = 0.1,
     scale_by_t2: bool = True,

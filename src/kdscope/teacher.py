@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from kdscope.errors import InputError
+from kdscope.labels import DEFAULT_TEMPERATURE, check_temperature
 
 MAX_REPORTED = 5
 """How many offending ids or positions an error message lists before summarising."""
@@ -47,7 +48,7 @@ class TeacherOutput:
     topk_values: Tensor | None = None
     topk_indices: Tensor | None = None
     topk_log_normalizer: Tensor | None = None
-    temperature: float = 1.0
+    temperature: float = DEFAULT_TEMPERATURE
     topk_log_tail: Tensor | None = None
 
 
@@ -192,7 +193,7 @@ class OnlineTeacher:
         seed: int = 0,
         disable_adapter: bool = False,
         vocab_width: int | None = None,
-        temperature: float = 1.0,
+        temperature: float = DEFAULT_TEMPERATURE,
     ) -> None:
         if topk is not None and topk < 1:
             raise InputError(f"teacher top-k must be >= 1, got {topk}")
@@ -203,8 +204,7 @@ class OnlineTeacher:
                 "disable_adapter needs a PEFT teacher with a LoRA adapter; for a plain model load the base model "
                 "as the teacher instead"
             )
-        if not temperature > 0:
-            raise InputError(f"temperature must be > 0, got {temperature}")
+        check_temperature(temperature)
         self.model = model.eval()
         self.topk = topk
         self.noise_sigma = noise_sigma

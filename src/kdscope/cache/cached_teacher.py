@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from ..errors import InputError
+from ..labels import DEFAULT_TEMPERATURE
 from ..teacher import OnlineTeacher, TeacherOutput
 from .codec import record_tensors
 from .key import sequence_hash
@@ -43,7 +44,8 @@ class CachedTeacher:
     sequence raises InputError.
     """
 
-    def __init__(self, cache: TeacherCache, temperature: float = 1.0, fallback: OnlineTeacher | None = None) -> None:
+    def __init__(self, cache: TeacherCache, temperature: float = DEFAULT_TEMPERATURE,
+                 fallback: OnlineTeacher | None = None) -> None:
         self.column = cache.temperature_column(temperature)
         if fallback is not None:
             wanted = (cache.k, temperature, 0.0, cache.logit_width)

@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any, Literal, Sequence, get_args
 
 from ..errors import InputError
-from ..labels import (BASE_MODEL_LABEL, BASE_TEACHER, NOISE_PREFIX, SFT_LABEL, cross_tokenizer_loss, method_spec,
-                      noise_ablation, row_label, student_size)
+from ..labels import (BASE_MODEL_LABEL, BASE_TEACHER, DEFAULT_TEMPERATURE, NOISE_PREFIX, SFT_LABEL, cross_tokenizer_loss,
+                      method_spec, noise_ablation, row_label, student_size)
 from ..train import TrainSettings
 from .spec import DomainSpec, KDRuns, ModelEntry, Study
 
@@ -176,7 +176,7 @@ def kd_grids(study: Study) -> list[KDRuns]:
     if study.kd_runs is not None:
         return study.kd_runs
     if isinstance(study.temperatures, dict):
-        return [KDRuns(methods=[m], temperatures=study.temperatures.get(m, [1.0])) for m in study.methods]
+        return [KDRuns(methods=[m], temperatures=study.temperatures.get(m, [DEFAULT_TEMPERATURE])) for m in study.methods]
     return [KDRuns(methods=study.methods, temperatures=study.temperatures)]
 
 
@@ -193,14 +193,14 @@ def kd_runs(study: Study, teacher: str, student: str, cross: bool = False) -> li
         if grid.students is not None and student not in grid.students:
             continue
         for method in grid.methods:
-            temperatures = grid.temperatures if method_spec(method).uses_temperature else [1.0]
+            temperatures = grid.temperatures if method_spec(method).uses_temperature else [DEFAULT_TEMPERATURE]
             runs.update((KDRun(method, float(t), cross_tokenizer=grid.cross_tokenizer or ""), None)
                         for t in temperatures)
     if cross:
         return list(runs)
     ab = study.ablations
     if ab.teachers is None or teacher in ab.teachers:
-        temperature = ab.temperature if method_spec(ab.method).uses_temperature else 1.0
+        temperature = ab.temperature if method_spec(ab.method).uses_temperature else DEFAULT_TEMPERATURE
         if ab.base_teacher:
             runs[KDRun(ab.method, temperature, BASE_TEACHER)] = None
         runs.update((KDRun(ab.method, temperature, noise_ablation(sigma)), None) for sigma in ab.noise_sigmas)

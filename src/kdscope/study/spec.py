@@ -12,7 +12,8 @@ from pydantic import BaseModel, Field, ValidationError, field_validator, model_v
 
 from ..data import SYNTHETIC_PREFIX, load_training_data, read_text_file
 from ..errors import InputError, describe, dotted, one_line
-from ..labels import KD_METHODS, CrossTokenizerName, KDMethodName, cross_tokenizer_loss, method_spec
+from ..labels import (DEFAULT_TEMPERATURE, KD_METHODS, CrossTokenizerName, KDMethodName, cross_tokenizer_loss,
+                      is_temperature, method_spec)
 from ..models import BUILTIN_MODELS, BUILTIN_PREFIX, LoraSettings
 from ..synthetic import GENERATORS
 from ..tasks import get_task
@@ -73,7 +74,7 @@ class KDRuns(_Strict):
     vocabulary only) and get no teacher-signal ablations. Without it a grid covers same-family pairs only."""
 
     methods: list[KDMethodName] = Field(min_length=1)
-    temperatures: list[float] = Field(default_factory=lambda: [1.0])
+    temperatures: list[float] = Field(default_factory=lambda: [DEFAULT_TEMPERATURE])
     teachers: list[str] | None = Field(None, description="teacher names these runs are for (default: all)")
     students: list[str] | None = Field(None, description="student names these runs are for (default: all)")
     cross_tokenizer: CrossTokenizerName | None = Field(
@@ -86,7 +87,7 @@ class Ablations(_Strict):
     base_teacher: bool = Field(False, description="KD from the teacher before task fine-tuning")
     noise_sigmas: list[float] = Field(default_factory=list, description="Gaussian noise on every teacher logit")
     method: KDMethodName = "SeqKD"
-    temperature: float = Field(1.0, gt=0)
+    temperature: float = DEFAULT_TEMPERATURE  # checked with every temperature of the study in Study's validator
     teachers: list[str] | None = Field(None, description="teacher names the ablations run for (default: all)")
 
 
@@ -161,9 +162,9 @@ class Study(_Strict):
                                  f"{', '.join(sorted(known))}")
         self._check_cross_grids()
         for where, method, temperatures in self._method_temperatures():
-            if any(t <= 0 for t in temperatures):
+            if not all(map(is_temperature, temperatures)):
                 raise ValueError(f"{where}: temperatures must all be > 0 (got {temperatures})")
-            if not method_spec(method).uses_temperature and any(t != 1.0 for t in temperatures) \
+            if not method_spec(method).uses_temperature and any(t != DEFAULT_TEMPERATURE for t in temperatures) \
                     and where != "temperatures":
                 raise ValueError(f"{where}: {method} uses no temperature (the study's GKD ignores T); "
                                  "list it at 1.0 only")
