@@ -211,5 +211,11 @@ def test_plan_shows_the_cross_tokenizer_loss_per_job(tmp_path: Path) -> None:
                      for label, loss in (("student_KD_xtok_kl_temp_2.0", "xtok_kl"),
                                          ("student_RevKD_xtok_kl_temp_2.0", "xtok_reverse_kl"),
                                          ("student_GKD_xtok_kl_temp_1.0", "xtok_jsd"))}
-    text = plan_text(plan(load_study(path)))
+    resolved = plan(load_study(path))
+    assert {j["cross_tokenizer"] for j in resolved["jobs"] if j["kind"] == "kd"} == {"", "xtok_kl"}
+    summary = {(r["kd_method"], r["cross_tokenizer"]): r["pairs"] for r in resolved["kd_runs"]}
+    assert summary == {("SeqKD", ""): 2, ("RevKD", ""): 2, ("GKD", ""): 2, ("SeqKD", "xtok_kl"): 2,
+                       ("RevKD", "xtok_kl"): 2, ("GKD", "xtok_kl"): 2}  # same-family pairs apart from cross ones
+    text = plan_text(resolved)
     assert "A-657K->B-66K student_RevKD_xtok_kl_temp_2.0 RevKD T=2.0" in text and "loss=xtok_reverse_kl" in text
+    assert "  math RevKD T=2.0 - xtok_kl: 2" in text and "  math RevKD T=2.0 -: 2" in text

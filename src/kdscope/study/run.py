@@ -63,11 +63,11 @@ def plan(study: Study) -> dict[str, Any]:
     jobs = expand(study)
     kinds = Counter(job.kind for job in jobs)
     described = [describe_job(job) for job in jobs]
-    kd_runs = Counter((d["domain"], d["kd_method"], d["temperature"], d["ablation"]) for d in described
-                      if d["kind"] == "kd")
+    kd_runs = Counter((d["domain"], d["kd_method"], d["temperature"], d["ablation"], d["cross_tokenizer"])
+                      for d in described if d["kind"] == "kd")
     return {"study": study.name, "missing_inputs": missing, "counts": dict(sorted(kinds.items())), "jobs": described,
-            "kd_runs": [{"domain": d, "kd_method": m, "temperature": t, "ablation": a, "pairs": n}
-                        for (d, m, t, a), n in sorted(kd_runs.items())]}
+            "kd_runs": [{"domain": d, "kd_method": m, "temperature": t, "ablation": a, "cross_tokenizer": x,
+                         "pairs": n} for (d, m, t, a, x), n in sorted(kd_runs.items())]}
 
 
 def describe_job(job: Job) -> dict[str, Any]:
@@ -83,6 +83,7 @@ def describe_job(job: Job) -> dict[str, Any]:
         "kd_method": p.get("kd_method", ""),
         "temperature": p.get("temperature") if job.kind in ("kd", "eval", "fidelity") else None,
         "ablation": p.get("ablation", ""),
+        "cross_tokenizer": p.get("cross_tokenizer", ""),  # a cross-family KD run's loss family (xtok_kl, uld)
         "seed": p.get("seed"),
         "depends_on": sorted(d.key for d in job.deps.values()),
     }
@@ -137,8 +138,8 @@ def plan_text(resolved: dict[str, Any]) -> str:
             d = job["decoding"]
             shown.append(f"decoding={d['preset']} sample={d['do_sample']} max_new_tokens={d['max_new_tokens']}")
         lines.append(line + (" | " + ", ".join(shown) if shown else ""))
-    lines.append("KD runs (domain, method, temperature, ablation: pairs):")
-    lines += [f"  {r['domain']} {r['kd_method']} T={r['temperature']} {r['ablation'] or '-'}: {r['pairs']}"
-              for r in resolved["kd_runs"]]
+    lines.append("KD runs (domain, method, temperature, ablation[, cross-tokenizer loss]: pairs):")
+    lines += [f"  {r['domain']} {r['kd_method']} T={r['temperature']} {r['ablation'] or '-'}"
+              f"{' ' + r['cross_tokenizer'] if r['cross_tokenizer'] else ''}: {r['pairs']}" for r in resolved["kd_runs"]]
     lines.append("jobs per kind: " + ", ".join(f"{k} {n}" for k, n in resolved["counts"].items()))
     return "\n".join(lines)
