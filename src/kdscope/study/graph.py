@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any, Literal, Sequence, get_args
 
 from ..errors import InputError
-from ..labels import (BASE_MODEL_LABEL, BASE_TEACHER, DEFAULT_TEMPERATURE, NOISE_PREFIX, SFT_LABEL, cross_tokenizer_loss,
-                      method_spec, noise_ablation, row_label, student_size)
+from ..labels import (BASE_MODEL_LABEL, BASE_TEACHER, DEFAULT_TEMPERATURE, NOISE_PREFIX, SFT_LABEL,
+                      cross_tokenizer_loss, method_spec, noise_ablation, row_label, student_size)
 from ..train import TrainSettings
 from .spec import DomainSpec, KDRuns, ModelEntry, Study
 
@@ -176,7 +176,8 @@ def kd_grids(study: Study) -> list[KDRuns]:
     if study.kd_runs is not None:
         return study.kd_runs
     if isinstance(study.temperatures, dict):
-        return [KDRuns(methods=[m], temperatures=study.temperatures.get(m, [DEFAULT_TEMPERATURE])) for m in study.methods]
+        return [KDRuns(methods=[m], temperatures=study.temperatures.get(m, [DEFAULT_TEMPERATURE]))
+                for m in study.methods]
     return [KDRuns(methods=study.methods, temperatures=study.temperatures)]
 
 
