@@ -99,3 +99,6 @@ def test_names_and_conflicts() -> None:
     assert "\n" not in str(e.value) and "reverse_kl" in str(e.value)
     with pytest.raises(InputError):
         xtok_loss_parts(logits, logits, batch, vocab, "xtok_bogus")
+    for bad in (0.0, -1.0, float("inf"), float("nan")):  # the package's one temperature rule
+        with pytest.raises(InputError, match="temperature must be > 0"):
+            xtok_loss_parts(logits, logits, batch, vocab, "xtok_kl", bad)

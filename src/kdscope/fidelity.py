@@ -25,6 +25,7 @@ import torch
 
 from .errors import InputError
 from .evaluation import read_done
+from .padding import pad_rows
 from .tasks import MATH_TOLERANCE, get_task
 from .teacher import logit_width
 from .xtok import align_text, aligned_batch, shared_vocabulary, token_spelling, xtok_loss_parts
@@ -162,13 +163,9 @@ def token_fidelity(
     kl_sum, agree, count = 0.0, 0, 0
     for start in range(0, len(sequences), batch_size):
         batch = sequences[start : start + batch_size]
-        width = max(len(ids) for ids, _ in batch)
-        ids = torch.full((len(batch), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        scored = torch.zeros((len(batch), width - 1), dtype=torch.bool)  # position p predicts token p+1
+        ids, mask = pad_rows([seq for seq, _ in batch], pad)  # right padding: causal models need no position shift
+        scored = torch.zeros((len(batch), ids.shape[1] - 1), dtype=torch.bool)  # position p predicts token p+1
         for r, (seq, prompt_len) in enumerate(batch):
-            ids[r, : len(seq)] = torch.tensor(seq)  # right padding: no position shift needed for causal models
-            mask[r, : len(seq)] = 1
             scored[r, prompt_len - 1 : len(seq) - 1] = True
         ids, mask, scored = ids.to(device), mask.to(device), scored.to(device)
         t_logits = teacher(input_ids=ids, attention_mask=mask).logits[:, :-1]
@@ -180,16 +177,6 @@ def token_fidelity(
         agree += int((t_logp.argmax(-1) == s_logp.argmax(-1)).sum())
         count += int(scored.sum())
     return {"kl_teacher_student": kl_sum / count, "top1_agreement": agree / count, "tokens": float(count)}
-
-
-def _padded(rows: Sequence[Sequence[int]], pad: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad if pad is not None else 0, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for r, row in enumerate(rows):  # right padding: no position shift needed for causal models
-        ids[r, : len(row)] = torch.tensor(list(row), dtype=torch.long)
-        mask[r, : len(row)] = 1
-    return ids, mask
 
 
 @torch.no_grad()
@@ -225,8 +212,8 @@ def aligned_token_fidelity(
     kl_sum, agree, spans, one_to_one = 0.0, 0, 0, 0
     for start in range(0, len(rows), batch_size):
         batch = rows[start : start + batch_size]
-        s_ids, s_mask = _padded([r[0] for r in batch], student_tokenizer.pad_token_id)
-        t_ids, t_mask = _padded([r[1] for r in batch], teacher_tokenizer.pad_token_id)
+        s_ids, s_mask = pad_rows([r[0] for r in batch], student_tokenizer.pad_token_id or 0)
+        t_ids, t_mask = pad_rows([r[1] for r in batch], teacher_tokenizer.pad_token_id or 0)
         scored = torch.zeros(s_ids.shape, dtype=torch.bool)  # student positions predicting the scored spans' tokens
         for r, (ids, _, _, first) in enumerate(batch):
             scored[r, first - 1 : len(ids) - 1] = True

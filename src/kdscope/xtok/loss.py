@@ -43,6 +43,7 @@ from torch import Tensor
 
 from kdscope.errors import InputError
 from kdscope.fused import DEFAULT_MEMORY_BUDGET_BYTES, LinearHead
+from kdscope.labels import check_temperature
 from kdscope.losses import LOSS_NAMES, TAIL_MASS_FLOOR, LossParts, divergence_rows
 
 from .batch import AlignedBatch, SideIndex
@@ -255,8 +256,7 @@ def _plan(batch: AlignedBatch, teacher_rows: TeacherRows, teacher_width: int, st
             raise InputError(f"loss {loss!r} compares with {XTOK_DIVERGENCES[loss]}, not divergence {divergence!r}: "
                              "give one of them")
         loss, divergence = "xtok_kl", XTOK_DIVERGENCES[loss]
-    if not temperature > 0:
-        raise InputError(f"temperature must be > 0, got {temperature}")
+    check_temperature(temperature)
     if loss == "xtok_kl":
         if vocab is None:
             raise InputError("loss 'xtok_kl' needs the shared vocabulary (kdscope.xtok.shared_vocabulary)")

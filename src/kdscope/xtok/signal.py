@@ -19,6 +19,7 @@ from torch import Tensor
 
 from kdscope.errors import InputError
 from kdscope.losses import Reduction
+from kdscope.padding import pad_rows
 from kdscope.teacher import OnlineTeacher, TeacherOutput, logit_width
 
 from .align import Alignment, retokenize_for_teacher
@@ -94,12 +95,7 @@ class CrossTokenizerTeacher:
             rows.append(teacher_ids)
             alignments.append(alignment)
             starts.append(attended.index(True) if True in attended else 0)  # left padding before the row's tokens
-        width = max(1, max(map(len, rows)))
-        teacher_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        teacher_mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for b, row in enumerate(rows):
-            teacher_ids[b, : len(row)] = torch.tensor(row, dtype=torch.long)
-            teacher_mask[b, : len(row)] = 1
+        teacher_ids, teacher_mask = pad_rows(rows, self.pad_id, min_width=1)
         logits = self.online.teacher_logits(teacher_ids.to(self.device), teacher_mask.to(self.device))
         return CrossTokenizerSignal(logits=logits, temperature=self.online.temperature,
                                     student_input_ids=input_ids.detach().cpu(), teacher_input_ids=teacher_ids,
