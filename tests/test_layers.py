@@ -209,3 +209,12 @@ def test_each_planted_breach_is_found(tmp_path: Path) -> None:
     for i, (expected, files) in enumerate(cases.items()):
         found = problems(_plant(tmp_path / str(i), {**_CLEAN, **files}))
         assert any(expected in line for line in found), (expected, found)
+
+
+def test_the_readme_layout_lists_every_layer_in_order() -> None:
+    """README's Layout section is the tree in a few lines: every layer, in the order of `LAYERS`."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = readme.split("## Layout", 1)[1].split("```", 2)[1]
+    listed = [name.strip().rstrip("/") for line in block.strip().splitlines()
+              for name in line.split("  ", 1)[0].split(",")]
+    assert listed == [layer for layer in LAYERS if layer != "kdscope"]
