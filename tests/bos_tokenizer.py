@@ -5,11 +5,10 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from tokenizers import Tokenizer, processors
-from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerFast
 
-from kdscope.models import EOS_TOKEN, PAD_TOKEN, TINY_TOKENIZER_FILE, tiny_config
+from kdscope.models import EOS_TOKEN, PAD_TOKEN, TINY_TOKENIZER_FILE, build_tiny_model
 
 BOS_TOKEN = "<|bos|>"
 
@@ -28,11 +27,4 @@ def bos_tokenizer() -> Any:
 
 def bos_model(name: str = "tiny-qwen-xs", seed: int = 0) -> tuple[Any, Any]:
     """A randomly initialised built-in architecture whose vocabulary covers the BOS tokenizer."""
-    tok = bos_tokenizer()
-    config = tiny_config(name, len(tok), tok.eos_token_id, tok.pad_token_id)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config)
-    model.generation_config.pad_token_id = tok.pad_token_id
-    model.generation_config.eos_token_id = tok.eos_token_id
-    return model, tok
+    return build_tiny_model(name, seed, tokenizer=bos_tokenizer())

@@ -153,11 +153,12 @@ def tiny_config(name: str, vocab_size: int = TINY_VOCAB_SIZE, eos_token_id: int 
     )
 
 
-def build_tiny_model(name: str, seed: int = 0) -> tuple[Any, Any]:
-    """A randomly initialised built-in model (seeded) and the built-in tokenizer."""
+def build_tiny_model(name: str, seed: int = 0, tokenizer: Any = None) -> tuple[Any, Any]:
+    """A randomly initialised built-in model (seeded) and the built-in tokenizer, or the given ``tokenizer`` (a variant
+    of the built-in one; the model's vocabulary is sized to it)."""
     from transformers import AutoModelForCausalLM
 
-    tok = tiny_tokenizer()
+    tok = tokenizer if tokenizer is not None else tiny_tokenizer()
     config = tiny_config(name, len(tok), tok.eos_token_id, tok.pad_token_id)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
