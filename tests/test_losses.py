@@ -176,6 +176,16 @@ def test_retain_graph_second_backward_accumulates_same_gradient() -> None:
     assert torch.allclose(student.grad, 2 * first)
 
 
+def test_a_second_backward_after_a_zero_output_gradient_is_refused() -> None:
+    """The stored gradient was scaled to zero in place, so it cannot be scaled back: refuse rather than return 0."""
+    student, teacher, mask = random_case(5)
+    student.requires_grad_(True)
+    value = distill_loss(student, teacher, mask)
+    (0.0 * value).backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="kdscope loss: cannot backward again"):
+        value.backward()
+
+
 def test_jsd_beta_limits_follow_trl() -> None:
     """beta == 0 / 1 are forward / reverse KL exactly (TRL); jsd/beta and jsd/(1-beta) tend to them continuously."""
     student, teacher, mask = random_case(6, scale=1.0)  # moderate logits: the O(beta) correction stays small

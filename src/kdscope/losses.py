@@ -33,9 +33,9 @@ micro-batch, which gives exactly the gradient of the undivided batch.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -167,14 +167,22 @@ class _ChunkedRowLoss(torch.autograd.Function):
     def backward(  # type: ignore[override]
         ctx: torch.autograd.function.FunctionCtx, grad_total: Tensor
     ) -> tuple[Tensor | None, ...]:
-        # Scale the stored gradient in place rather than allocating a second [tokens, vocab] tensor; remembering the
-        # scale already applied keeps a repeated backward (retain_graph=True) correct.
-        scale = float(grad_total)
-        if ctx.applied_scale == 0.0:
-            raise RuntimeError("kdscope loss: cannot backward again after a backward with a zero output gradient")
-        ctx.grad.mul_(scale / ctx.applied_scale)
-        ctx.applied_scale = scale
+        rescale_stored_grads(ctx, grad_total, (ctx.grad,), "kdscope loss")
         return ctx.grad, None, None, None, None, None, None
+
+
+def rescale_stored_grads(ctx: Any, grad_total: Tensor, grads: Sequence[Tensor | None], what: str) -> None:
+    """The backward of a chunked loss whose forward already computed its input gradients (``grads``, for an output
+    gradient of ``ctx.applied_scale``, 1 after the forward): scale them in place to ``grad_total`` rather than
+    allocating a second [tokens, vocab] tensor. Remembering the scale already applied keeps a repeated backward
+    (retain_graph=True) correct; after a zero output gradient the gradients are gone, so ``what`` refuses."""
+    scale = float(grad_total)
+    if ctx.applied_scale == 0.0:
+        raise RuntimeError(f"{what}: cannot backward again after a backward with a zero output gradient")
+    for grad in grads:
+        if grad is not None:
+            grad.mul_(scale / ctx.applied_scale)
+    ctx.applied_scale = scale
 
 
 def _validate(loss: str, temperature: float, beta: float, alpha: float, chunk_size: int) -> None:
