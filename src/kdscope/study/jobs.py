@@ -17,6 +17,7 @@ from ..evaluation import evaluate_generate, evaluate_loglik, generation_preset, 
 from ..fidelity import TABLES, compare_task, table_row
 from ..models import config_logit_width, load_model, load_tokenizer, load_trained
 from ..prompts import Example
+from ..stats import SEED_COLUMN
 from ..synthetic import GENERATORS, generate
 from ..tasks import get_task
 from ..teacher import common_vocab_width, logit_width
@@ -188,7 +189,7 @@ def _eval(job: Job, out: Path, root: Path, store: StudyStore, progress: bool) ->
         items.extend(read_done(path).values())
     row = summary_row(summaries, student=p["student"], teacher=p["teacher"], method=p["method"])
     if p["seed"] is not None:
-        row["Seed"] = p["seed"]
+        row[SEED_COLUMN] = p["seed"]
     return {"rows": {"result": [row]}, "items": items, "accuracy": row["Average"]}
 
 

@@ -15,14 +15,14 @@ import pandas as pd
 from ..errors import InputError
 from ..labels import SFT_LABEL
 from ..report import render_report
-from ..stats import analyse, json_ready
+from ..stats import (ABLATION_COLUMN, KD_METHOD_COLUMN, SEED_COLUMN, TEMPERATURE_COLUMN, analyse,
+                     json_ready)
 from .graph import Job, expand
 from .spec import Study
 from .store import StudyStore
 
 TABLE_NAMES = {"math": "math_results.csv", "commonsense": "cs_results.csv"}
-# The result rows' typed columns (the agreed names; kdscope.stats reads them) and the row kinds that get them.
-KD_METHOD_COLUMN, TEMPERATURE_COLUMN, ABLATION_COLUMN = "KDMethod", "Temperature", "Ablation"
+# The row kinds that get the typed columns (KDMethod, Temperature, Ablation: kdscope.stats names them)
 DESCRIBED_KINDS = ("result", "agreement", "fidelity")
 
 
@@ -30,7 +30,7 @@ def _frame(rows: list[dict[str, Any]], keep_origin: bool = False) -> pd.DataFram
     """Rows as a table; ``keep_origin`` keeps the store's domain and seed as ``Domain``/``Seed`` columns."""
     if not rows:
         return None
-    origin = {"_domain": "Domain", "_seed": "Seed"} if keep_origin else {}
+    origin = {"_domain": "Domain", "_seed": SEED_COLUMN} if keep_origin else {}
     return pd.DataFrame([{origin.get(k, k): v for k, v in r.items() if not k.startswith("_") or k in origin}
                          for r in rows])
 
@@ -75,7 +75,7 @@ def pooled_joint(table: pd.DataFrame | None) -> pd.DataFrame | None:
     """Joint-correctness counts per (teacher, student, method, task), pooled over seeds."""
     if table is None:
         return None
-    return table.drop(columns=["Domain", "Seed"]).groupby(["Teacher", "Student", "Method", "task"], sort=False, as_index=False).sum(numeric_only=True)
+    return table.drop(columns=["Domain", SEED_COLUMN]).groupby(["Teacher", "Student", "Method", "task"], sort=False, as_index=False).sum(numeric_only=True)
 
 
 def run_analysis(job: Job, out: Path, root: Path, store: StudyStore, progress: bool) -> dict[str, Any]:
