@@ -231,7 +231,7 @@ def convert_hf_rows(task_name: str, rows: Iterable[dict[str, Any]], source: str 
 
 def load_hf_task(task_name: str, source: str, split: str = "validation") -> list[Example]:
     """Load a HuggingFace dataset (a ``save_to_disk`` folder, or a hub id ``name[:config]``) as study examples."""
-    import datasets
+    import datasets  # slow to import; only hub and save_to_disk sources need it
 
     path = Path(source)
     try:

@@ -216,7 +216,7 @@ def default_placement() -> Placement:
 
 
 def _spread(teacher: torch.nn.Module, devices: Sequence[str], ctx: DistContext) -> torch.nn.Module:
-    from accelerate import dispatch_model, infer_auto_device_map
+    from accelerate import dispatch_model, infer_auto_device_map  # only for this placement: slow to import
 
     devs = [torch.device(d) for d in devices]
     if any(d.type != "cuda" or d.index is None for d in devs):
@@ -236,7 +236,7 @@ def _decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 
 def _fsdp_shard(teacher: torch.nn.Module, ctx: DistContext) -> torch.nn.Module:
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import fully_shard  # only for this placement
 
     teacher.to(ctx.device)
     # reshard_after_forward (the default): a frozen teacher never runs backward, so each layer's gathered weights
@@ -249,7 +249,7 @@ def _fsdp_shard(teacher: torch.nn.Module, ctx: DistContext) -> torch.nn.Module:
 
 def _zero3(teacher: torch.nn.Module, ctx: DistContext) -> torch.nn.Module:
     """ZeRO-3 inference engine for the teacher (the pattern TRL uses for frozen reference / teacher models)."""
-    import deepspeed
+    import deepspeed  # not a kdscope dependency: installed by whoever asks for zero3
 
     hidden = int(getattr(teacher.config, "hidden_size", 0)) or 4096
     dtype = next(teacher.parameters()).dtype

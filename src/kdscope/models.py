@@ -9,6 +9,7 @@ References accepted by `load_model`:
 
 from __future__ import annotations
 
+import json
 import struct
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -20,6 +21,9 @@ from pydantic import BaseModel, Field
 
 from .errors import InputError
 from .synthetic import corpus
+
+# transformers, tokenizers and peft are imported inside the functions that use them: they take seconds to import,
+# and the command line, stats and report never load a model.
 
 BUILTIN_PREFIX = "builtin:"
 EOS_TOKEN = "<|endoftext|>"
@@ -182,8 +186,6 @@ def _plain_tokenizers_folder(path: Path) -> bool:
     pre-tokenizer splits text differently from the file's own: the model would see other tokens than it was trained
     on. Loading the file as it is avoids that.
     """
-    import json
-
     config = path / "tokenizer_config.json"
     if not config.is_file():
         return False

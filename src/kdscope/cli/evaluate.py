@@ -43,7 +43,7 @@ def tasks_cmd(
     if as_json:
         typer.echo(json.dumps(rows, indent=1))
         return
-    from rich.console import Console
+    from rich.console import Console  # only the table view needs rich
     from rich.table import Table
 
     table = Table(title="kdscope tasks")

@@ -97,7 +97,7 @@ def status_cmd(
     counts: dict[str, int] = {}
     for r in rows:
         counts[r["status"]] = counts.get(r["status"], 0) + 1
-    from rich.console import Console
+    from rich.console import Console  # only the table view needs rich
     from rich.table import Table
 
     table = Table(title=", ".join(f"{v} {k}" for k, v in sorted(counts.items())))

@@ -173,7 +173,7 @@ class VLLMGenerator:
     name = "vllm"
 
     def __init__(self, model_ref: str, adapter: str | Path | None = None, dtype: str = "auto", seed: int = 6) -> None:
-        from vllm import LLM
+        from vllm import LLM  # optional extra, imported only for the vllm backend
         from vllm.lora.request import LoRARequest
 
         self.lora: Any = None
@@ -192,7 +192,7 @@ class VLLMGenerator:
         return [len(p) for p in prompts]  # vLLM schedules its own batches; the order only affects resume planning
 
     def generate_batch(self, prompts: Sequence[str], indices: Sequence[int], settings: GenerationSettings) -> list[str]:
-        from vllm import SamplingParams
+        from vllm import SamplingParams  # optional extra (see __init__)
 
         params = [
             SamplingParams(

@@ -145,7 +145,7 @@ def holm_adjust(p: np.ndarray) -> np.ndarray:
 
 def adjust_within_families(records: list[dict[str, object]]) -> list[dict[str, object]]:
     """Holm and Benjamini-Hochberg adjusted p-values within each family (see :func:`family_key`)."""
-    from statsmodels.stats.multitest import multipletests
+    from statsmodels.stats.multitest import multipletests  # slow to import; here only when used
 
     families: dict[tuple[object, ...], list[dict[str, object]]] = {}
     for record in records:

@@ -17,7 +17,7 @@ from .tables import describe_rows, task_domain
 def mcnemar(a_correct: Sequence[bool], b_correct: Sequence[bool], exact: bool | None = None) -> dict[str, float]:
     """McNemar's test on paired per-item correctness (statsmodels). ``exact`` defaults to the binomial test when
     there are fewer than 25 discordant items, the chi-square with continuity correction otherwise."""
-    from statsmodels.stats.contingency_tables import mcnemar as sm_mcnemar
+    from statsmodels.stats.contingency_tables import mcnemar as sm_mcnemar  # slow to import; here only when used
 
     a, b = _paired_bools(a_correct, b_correct)
     only_a, only_b = int(np.sum(a & ~b)), int(np.sum(~a & b))

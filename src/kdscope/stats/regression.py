@@ -32,7 +32,7 @@ NULL_TOLERANCE = 1e-6
 def regression_records(configs: pd.DataFrame) -> list[dict[str, object]]:
     """Improvement ~ log(student size) + teacher score + method, task as fixed effect (OLS), and the same with task
     as a random intercept (mixed model) when it fits cleanly. Uses the task columns, not Average."""
-    import statsmodels.api as sm
+    import statsmodels.api as sm  # slow to import; here only when used
     import statsmodels.formula.api as smf
 
     data = configs[configs["task"] != AVERAGE].dropna(subset=["improvement", "teacher_score", "student_size"]).copy()

@@ -118,7 +118,7 @@ class RayBackend:
     """Jobs as Ray tasks with the study's CPU/GPU request each; a local Ray instance when no address is given."""
 
     def __init__(self, root: Path, threads: int | None, address: str | None, cpus: float, gpus: float) -> None:
-        import ray
+        import ray  # optional extra, imported only for the ray executor
 
         if not ray.is_initialized():
             ray.init(address=address, include_dashboard=False, log_to_driver=False)
