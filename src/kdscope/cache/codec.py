@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from ..errors import InputError
+from ..labels import is_temperature
 from ..teacher import normalizer_and_tail
 
 Codec = Literal["zlib", "lzma", "none"]
@@ -42,7 +43,7 @@ def index_dtype(vocab_width: int) -> type[np.integer[Any]]:
 def normalised_temperatures(temperatures: Iterable[float]) -> list[float]:
     """T = 1 first (its normaliser turns stored log-probs back into logits), then the others sorted, deduplicated."""
     temps = {float(t) for t in temperatures}
-    if any(not t > 0 for t in temps):
+    if not all(map(is_temperature, temps)):
         raise InputError(f"temperatures must all be > 0, got {sorted(temps)}")
     return [1.0, *sorted(temps - {1.0})]
 
