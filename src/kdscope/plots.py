@@ -20,6 +20,11 @@ from .labels import KD_METHOD_TABLE, format_size, teacher_name  # noqa: E402
 from .stats import AVERAGE, describe_rows, domain_columns  # noqa: E402
 
 METHOD_COLOURS = dict(zip((m.name for m in KD_METHOD_TABLE), ("#1f77b4", "#d62728", "#2ca02c")))
+CROSS_FAMILY_COLOUR = "#7f7f7f"  # cross-family units (method "SeqKD/xtok_kl"), one colour: they are not the study's
+
+
+def _colours(methods: pd.Series) -> list[str]:
+    return [METHOD_COLOURS.get(str(m), CROSS_FAMILY_COLOUR) for m in methods]
 # GKD ignores the temperature (the study's tables still label it temp_1.0): where a row has none it is drawn at 1.
 NO_TEMPERATURE = 1.0
 JOINT_PARTS = ("both", "teacher_only", "student_only", "neither")
@@ -60,7 +65,7 @@ def gain_vs_size(configs: dict[str, pd.DataFrame]) -> Figure | None:
     for ax, (domain, data) in zip(axes, rows.items()):
         jitter = np.random.default_rng(0).uniform(-0.04, 0.04, len(data))  # seeded: methods overlap at one size
         x = np.log(data["student_size"].to_numpy())
-        ax.scatter(np.exp(x + jitter), data["improvement"], c=data["method"].map(METHOD_COLOURS), s=28, alpha=0.85)
+        ax.scatter(np.exp(x + jitter), data["improvement"], c=_colours(data["method"]), s=28, alpha=0.85)
         if len(np.unique(x)) > 1:
             fit = stats.linregress(x, data["improvement"])
             grid = np.linspace(x.min(), x.max(), 50)
@@ -116,7 +121,7 @@ def gain_vs_pair_score(configs: dict[str, pd.DataFrame], score: str, label: str)
         return None
     fig, axes = _domain_axes(len(panels))
     for ax, (domain, data) in zip(axes, panels.items()):
-        ax.scatter(data[score], data["improvement"], c=data["method"].map(METHOD_COLOURS), s=18, alpha=0.75)
+        ax.scatter(data[score], data["improvement"], c=_colours(data["method"]), s=18, alpha=0.75)
         rho = stats.spearmanr(data[score], data["improvement"])
         ax.axhline(0, color="grey", lw=0.8, ls=":")
         ax.set(title=f"{domain}: gain vs {label}\nSpearman ρ={rho.statistic:.2f} over all task points",
@@ -133,7 +138,7 @@ def gain_vs_teacher(configs: dict[str, pd.DataFrame]) -> Figure | None:
         return None
     fig, axes = _domain_axes(len(rows))
     for ax, (domain, data) in zip(axes, rows.items()):
-        ax.scatter(data["teacher_score"], data["improvement"], c=data["method"].map(METHOD_COLOURS), s=28)
+        ax.scatter(data["teacher_score"], data["improvement"], c=_colours(data["method"]), s=28)
         for teacher, by_teacher in data.groupby("Teacher"):
             ax.annotate(str(teacher), (by_teacher["teacher_score"].iloc[0], by_teacher["improvement"].max()),
                         fontsize=7, xytext=(2, 4), textcoords="offset points")

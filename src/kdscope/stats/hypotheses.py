@@ -14,6 +14,7 @@ from .seeds import CONFIDENCE
 from .tables import AVERAGE
 
 METHOD_GROUPS = ("all", *KD_METHODS)
+CROSS_ALL = "all cross-tokenizer"  # cross-family pairs' methods pooled (never with the same-family "all")
 CORRELATES = ("teacher_score", "student_size", "student_sft", "agreement", "fidelity")
 N_BOOT = 10_000
 
@@ -102,13 +103,29 @@ def correlation(improvements: np.ndarray, other: np.ndarray) -> dict[str, object
             "rho_ci_low": low, "rho_ci_high": high}
 
 
+def method_groups(configs: pd.DataFrame) -> list[str]:
+    """The groups tests run in: "all" (the same-family methods pooled), each method, then each cross-tokenizer
+    method (``SeqKD/xtok_kl``, kdscope.stats.tables.analysis_method) and, with more than one, CROSS_ALL pooling them."""
+    cross = sorted(m for m in configs["method"].unique() if m not in KD_METHODS)
+    return [*METHOD_GROUPS, *cross, *([CROSS_ALL] if len(cross) > 1 else [])]
+
+
+def _group(by_task: pd.DataFrame, method: str) -> pd.DataFrame:
+    if method == "all":
+        return by_task[by_task["method"].isin(KD_METHODS)]
+    if method == CROSS_ALL:
+        return by_task[~by_task["method"].isin(KD_METHODS)]
+    return by_task[by_task["method"] == method]
+
+
 def hypothesis_records(configs: pd.DataFrame, seed: int) -> list[dict[str, object]]:
     """Every study test for one domain, per task (and Average), pooled over methods and per method."""
     records: list[dict[str, object]] = []
     domain = str(configs["domain"].iloc[0])
+    groups_tested = method_groups(configs)
     for task, by_task in configs.groupby("task", sort=False):
-        for method in METHOD_GROUPS:
-            subset = by_task if method == "all" else by_task[by_task["method"] == method]
+        for method in groups_tested:
+            subset = _group(by_task, method)
             if len(subset) < 2:
                 continue
             base = {"domain": domain, "method": method, "task": task}

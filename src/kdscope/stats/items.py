@@ -11,7 +11,7 @@ from ..errors import InputError
 from ..labels import SFT_LABEL, teacher_name
 from .hypotheses import N_BOOT
 from .seeds import CONFIDENCE
-from .tables import describe_rows, task_domain
+from .tables import analysis_method, describe_rows, task_domain
 
 
 def mcnemar(a_correct: Sequence[bool], b_correct: Sequence[bool], exact: bool | None = None) -> dict[str, float]:
@@ -56,7 +56,7 @@ def item_records(items: pd.DataFrame, seed: int) -> list[dict[str, object]]:
     records = []
     sft = items[items["Method"] == SFT_LABEL]
     described = describe_rows(items)
-    kd_items = items.assign(_method=described["kd_method"], _plain=described["ablation"] == "")
+    kd_items = items.assign(_method=analysis_method(described), _plain=described["ablation"] == "")
     for (teacher, student, label, task), kd in kd_items[kd_items["Method"] != SFT_LABEL].groupby(
             ["Teacher", "Student", "Method", "task"], sort=False):
         method = str(kd["_method"].iloc[0])

@@ -33,7 +33,7 @@ def study_table(records: list[dict[str, object]], domain: str, hypothesis: str) 
         return pd.DataFrame()
     tasks = list(dict.fromkeys(str(r["task"]) for r in chosen))
     rows = []
-    for method in METHOD_GROUPS:
+    for method in [*METHOD_GROUPS, *dict.fromkeys(str(r["method"]) for r in chosen if r["method"] not in METHOD_GROUPS)]:
         cells = {str(r["task"]): f"{float(r['statistic']):.2f} ({_p(float(r['p_value']))})"
                  for r in chosen if r["method"] == method}
         if cells:

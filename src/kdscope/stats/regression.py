@@ -35,7 +35,9 @@ def regression_records(configs: pd.DataFrame) -> list[dict[str, object]]:
     import statsmodels.api as sm  # slow to import; here only when used
     import statsmodels.formula.api as smf
 
-    data = configs[configs["task"] != AVERAGE].dropna(subset=["improvement", "teacher_score", "student_size"]).copy()
+    # the study's model of same-family distillation: cross-family units (method "SeqKD/xtok_kl") stay out
+    same_family = configs[configs["method"].isin(KD_METHODS) & (configs["task"] != AVERAGE)]
+    data = same_family.dropna(subset=["improvement", "teacher_score", "student_size"]).copy()
     if len(data) < 10 or data["task"].nunique() < 2 or data["method"].nunique() < 2:
         return []
     data["log_size"] = np.log(data["student_size"])

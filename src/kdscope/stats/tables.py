@@ -71,8 +71,9 @@ def _text(value: object) -> str:
 
 def describe_rows(table: pd.DataFrame) -> pd.DataFrame:
     """Per row: ``kd_method`` (SeqKD/RevKD/GKD, "" for SFT, BaseModel and unknown rows), ``temperature`` (NaN where
-    none) and ``ablation`` ("" for a plain KD student). A row whose ``KDMethod`` cell is filled is described by
-    its real columns; any other row by its ``Method`` label (the study's published CSVs)."""
+    none), ``ablation`` ("" for a plain KD student) and ``cross_tokenizer`` ("" for a same-family pair, else the
+    cross-tokenizer loss its label names). A row whose ``KDMethod`` cell is filled is described by its real
+    columns; any other row by its ``Method`` label (the study's published CSVs)."""
     parsed = [parse_row_label(label) for label in table["Method"]]
     kd_method = [p.kd_method for p in parsed]
     temperature = [p.temperature for p in parsed]
@@ -86,8 +87,16 @@ def describe_rows(table: pd.DataFrame) -> pd.DataFrame:
         for i, method in enumerate(real):
             if method:
                 kd_method[i], temperature[i], ablation[i] = method, float(temps[i]), ablations[i]
-    return pd.DataFrame({"kd_method": kd_method, "temperature": temperature, "ablation": ablation},
-                        index=table.index)
+    return pd.DataFrame({"kd_method": kd_method, "temperature": temperature, "ablation": ablation,
+                         "cross_tokenizer": [p.cross_tokenizer for p in parsed]}, index=table.index)
+
+
+def analysis_method(described: pd.DataFrame) -> pd.Series:
+    """The method a row is analysed under: its KD method, or for a cross-family pair ``<method>/<loss>`` (e.g.
+    ``SeqKD/xtok_kl``): the study's tests concern same-family distillation, so cross-tokenizer units form groups of
+    their own and never enter the SeqKD/RevKD/GKD groups or the pooled "all"."""
+    cross = described["cross_tokenizer"]
+    return described["kd_method"].where(cross == "", described["kd_method"] + "/" + cross)
 
 
 def _check_descriptors(df: pd.DataFrame, path: Path) -> None:

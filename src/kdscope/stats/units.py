@@ -24,7 +24,7 @@ import pandas as pd
 from ..errors import InputError
 from ..labels import PAIR_TABLE_KD_LABEL, SFT_LABEL, size_or_nan, teacher_name
 from ..tasks import canonical_name
-from .tables import AVERAGE, SEED_COLUMN, describe_rows, domain_columns
+from .tables import AVERAGE, SEED_COLUMN, analysis_method, describe_rows, domain_columns
 
 
 def configurations(results: pd.DataFrame, domain: str) -> pd.DataFrame:
@@ -40,7 +40,7 @@ def configurations(results: pd.DataFrame, domain: str) -> pd.DataFrame:
     described = describe_rows(rows)
     plain_kd = (described["kd_method"] != "") & (described["ablation"] == "")
     kd_rows = rows[plain_kd].assign(Teacher=lambda d: d["Teacher"].map(teacher_name),
-                                    method=described.loc[plain_kd, "kd_method"],
+                                    method=analysis_method(described)[plain_kd],
                                     _temperature=described.loc[plain_kd, "temperature"])
     long = kd_rows.melt(id_vars=["Teacher", "Student", "method", "Method", "_temperature"], value_vars=tasks,
                         var_name="task", value_name="kd").dropna(subset=["kd"])
