@@ -50,13 +50,18 @@ CACHE_VS_ONLINE_TOPK = 2e-3
 
 
 class CountingForward:
-    """Wraps a model's forward to count teacher passes (calls) and the sequences they cover."""
+    """Wraps a model's decoder body to count teacher passes (calls) and the sequences they cover: the plain path
+    (model.forward) and the fused one (the body's hidden states, heads chunk by chunk) both run it once a pass."""
 
     def __init__(self, model: torch.nn.Module) -> None:
         self.calls = 0
         self.rows = 0
-        self._forward = model.forward
-        model.forward = self  # type: ignore[method-assign]
+        self.body = model.get_decoder()
+        self._forward = self.body.forward
+        self.body.forward = self  # type: ignore[method-assign]
+
+    def restore(self) -> None:
+        del self.body.forward
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         self.calls += 1
@@ -321,7 +326,7 @@ def test_one_teacher_pass_serves_every_student_and_temperature(teacher, sequence
         _build(teacher, sequences, tmp_path / "cache", k=32)
         assert counter.calls == built_calls + 1
     finally:
-        del model.forward
+        counter.restore()
 
 
 def test_cli_cache_teacher(tmp_path: Path) -> None:
