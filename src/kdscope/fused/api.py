@@ -22,9 +22,9 @@ from .engine import (
     check_loss,
     chunk_rows,
     fused_head_total,
-    log_softmax_,
     masked_row_weights,
     soften,
+    soften_,
     teacher_noise,
     wants_grad,
 )
@@ -73,7 +73,7 @@ def fused_distill_parts(
         logits = F.linear(teacher_rows[start:stop], t_weight[:width], None if t_bias is None else t_bias[:width])
         if noise_sigma > 0:
             noise = teacher_noise(noise_seed, range(start, stop), width, logits.device)
-            logits = logits.float() + noise_sigma * noise
+            logits = noise.mul_(noise_sigma).add_(logits)  # float32, = logits + sigma * noise
         return logits.to(dtype)
 
     def row_loss(student_logits: Tensor, start: int, stop: int) -> Tensor:
@@ -82,18 +82,25 @@ def fused_distill_parts(
         return divergence_rows(log_p, log_q, loss, beta, alpha)
 
     def kl_and_grad(student_logits: Tensor, start: int, stop: int) -> tuple[Tensor, Tensor]:
-        # Closed forms with q = softmax(s / T), in place on the chunk's own logits (3 vocabulary-wide blocks):
+        # Closed forms with q = softmax(s / T):
         # KL(p || q) = sum p (log p - log q), gradient (q - p) / T;
         # KL(q || p) = sum q (log q - log p), gradient q (log q - log p - KL(q || p)) / T.
-        log_p = log_softmax_(teacher_logits(start, stop, student_logits.dtype), temperature)
-        log_q = log_softmax_(student_logits, temperature)
+        # F.log_softmax is the plain path's kernel (same rounding per row, one fused pass instead of logsumexp's
+        # four); the chunk's own logits are divided in place and then hold q or the gradient, so at most 4
+        # vocabulary-wide blocks live at once (logits, log p, log q or the product vecdot takes, p or q).
+        log_p = F.log_softmax(soften_(teacher_logits(start, stop, student_logits.dtype), temperature), dim=-1)
+        log_q = F.log_softmax(soften_(student_logits, temperature), dim=-1)
         if forward:
             p = log_p.exp()
-            per_row = torch.linalg.vecdot(p, log_p.sub_(log_q))
-            grad = log_q.exp_().sub_(p)
+            log_p.sub_(log_q)
+            grad = torch.exp(log_q, out=student_logits).sub_(p)
+            del log_q
+            per_row = torch.linalg.vecdot(p, log_p)
         else:
-            q = log_q.exp()
-            per_row = torch.linalg.vecdot(q, log_q.sub_(log_p))
+            q = torch.exp(log_q, out=student_logits)
+            log_q.sub_(log_p)
+            del log_p
+            per_row = torch.linalg.vecdot(q, log_q)
             grad = log_q.sub_(per_row.unsqueeze(1)).mul_(q)
         return per_row, grad if temperature == 1.0 else grad.div_(temperature)
 

@@ -24,8 +24,8 @@ the widest): student and teacher logits, their temperature-scaled copies and log
 terms kept for autograd, the noise draw, the logits' gradient."""
 
 FORWARD_KL_BLOCKS_PER_ROW = 4
-"""The closed-form forward and reverse KL (in place): student logits -> log q -> gradient, teacher log p, p (or q),
-and one for the noise draw or a temperature-scaled copy."""
+"""The closed-form forward and reverse KL: the student logits (then q or the gradient), teacher log p, log q, and p
+or the product ``vecdot`` takes (the teacher's raw logits and the noise draw die before log q is taken)."""
 
 CROSS_ENTROPY_BLOCKS_PER_ROW = 2
 """The closed-form cross-entropy: the logits, turned into their gradient in place, and one spare."""
@@ -174,11 +174,9 @@ def soften(logits: Tensor, temperature: float) -> Tensor:
     return logits if temperature == 1.0 else logits / temperature
 
 
-def log_softmax_(logits: Tensor, temperature: float) -> Tensor:
-    """log_softmax(logits / T) in place (the caller owns ``logits``): no second vocabulary-wide block is kept."""
-    if temperature != 1.0:
-        logits.div_(temperature)
-    return logits.sub_(torch.logsumexp(logits, dim=-1, keepdim=True))
+def soften_(logits: Tensor, temperature: float) -> Tensor:
+    """logits / T in place (the caller owns ``logits``): no second vocabulary-wide block."""
+    return logits if temperature == 1.0 else logits.div_(temperature)
 
 
 def wants_grad(*tensors: Tensor | None) -> bool:
