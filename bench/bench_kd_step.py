@@ -298,7 +298,8 @@ def markdown_report(runs: dict[tuple[float, str], list[dict[str, float]]], args:
         f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, "
         f"torch threads {torch.get_num_threads()}; {versions()}",
         f"batch {args.batch} x {args.seq} tokens, vocab {VOCAB}, {args.steps} timed steps after 1 warm-up step per run, "
-        f"{args.repeats} alternating rounds; medians, and ratios of medians",
+        f"{args.repeats} alternating rounds; medians, and ratios of medians; glibc MALLOC_MMAP_THRESHOLD_ "
+        f"{args.malloc_mmap_threshold if args.malloc_mmap_threshold is not None else 'dynamic (default)'}",
         "",
         "| T | variant | tokens/s | s/step | step peak MiB | process peak MiB | loss at step 1 | tokens/s vs TRL "
         "| tokens/s vs kdscope | step peak vs TRL | step peak vs liger64 |",
@@ -333,6 +334,10 @@ def main() -> None:
     parser.add_argument("--temperatures", type=float, nargs="+", default=[1.0, 2.0])
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     parser.add_argument("--variant", choices=VARIANTS, help="run one variant in this process and print JSON")
+    parser.add_argument("--malloc-mmap-threshold", type=int, default=None, metavar="BYTES",
+                        help="run each variant with glibc's MALLOC_MMAP_THRESHOLD_ fixed at BYTES (e.g. 131072): every "
+                        "larger allocation is mapped and unmapped when freed, so the resident set follows the live "
+                        "tensors and the step peak does not depend on what the heap kept from earlier steps")
     parser.add_argument("--profile", action="store_true", help="the fused step only: model FLOP utilisation against "
                         "matmuls measured in the same process, and a torch.profiler table (first temperature)")
     parser.add_argument("--profile-rows", type=int, default=15, help="rows of the profiler table")
@@ -349,7 +354,10 @@ def main() -> None:
             for name in args.variants:
                 command = [sys.executable, __file__, "--variant", name, "--steps", str(args.steps), "--batch",
                            str(args.batch), "--seq", str(args.seq), "--temperatures", str(temperature)]
-                completed = subprocess.run(command, check=True, capture_output=True, text=True)
+                env = dict(os.environ)
+                if args.malloc_mmap_threshold is not None:
+                    env["MALLOC_MMAP_THRESHOLD_"] = str(args.malloc_mmap_threshold)
+                completed = subprocess.run(command, check=True, capture_output=True, text=True, env=env)
                 result = json.loads(completed.stdout.strip().splitlines()[-1])
                 runs.setdefault((temperature, name), []).append(result)
                 print(f"round {round_index + 1} T={temperature:g} {name}: {result}", file=sys.stderr, flush=True)
