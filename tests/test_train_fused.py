@@ -26,6 +26,7 @@ from kdscope.prompts import encode_example
 from kdscope.synthetic import generate_domain
 from kdscope.teacher import OnlineTeacher
 from kdscope.train import Batch, TrainSettings, batch_loss, collate, on_policy_batch, prepare_student, train, window_units
+from kdscope.train import objective
 from kdscope.train.objective import fused_student
 
 EXAMPLES = generate_domain("math", 16, seed=0)
@@ -266,6 +267,21 @@ def test_unsupported_student_falls_back_announced_once(models, caplog: pytest.Lo
     announced = [r.getMessage() for r in caplog.records if "fused LM head + loss is off" in r.getMessage()]
     assert len(announced) == 1 and "output head" in announced[0], announced
     assert sizes.largest >= batches[0].input_ids.numel() * VOCAB  # the full logits: the plain path ran
+
+
+def test_cross_tokenizer_loss_falls_back_announced_once(models, caplog: pytest.LogCaptureFixture,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """--loss xtok_kl / uld compare aligned spans of full logits: the student runs plain, said once; fused=False too."""
+    student, _, _ = models
+    monkeypatch.setattr(objective, "_announced", set())
+    settings = TrainSettings(objective="kd", loss="xtok_kl", **BASE)
+    with caplog.at_level(logging.WARNING, logger="kdscope.train"):
+        assert not fused_student(student, settings) and not fused_student(student, settings)
+    assert [r.getMessage() for r in caplog.records if "xtok_kl" in r.getMessage()] == [
+        "fused LM head + loss is off for --loss xtok_kl: cross-tokenizer losses compare aligned spans of full logits; "
+        "using full logits instead"]
+    assert fused_student(student, TrainSettings(objective="kd", **BASE))
+    assert not fused_student(student, TrainSettings(objective="kd", fused=False, **BASE))
 
 
 class AllocationSizes(TorchDispatchMode):
