@@ -413,3 +413,21 @@ def test_fsdp_sharded_model_is_not_fused() -> None:
                           env={**os.environ, "PORT": port, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-2000:]
     assert "sharded (FSDP" in done.stdout
+
+
+@pytest.mark.parametrize("temperature", [0.0, -1.0, math.inf, math.nan])
+def test_fused_refuses_what_is_no_temperature(temperature: float) -> None:
+    """The package's one temperature rule (kdscope.labels): a finite number > 0."""
+    student, (t_hidden, t_head), mask, x = Student(True), teacher_parts(), make_mask(), ids()
+    with pytest.raises(InputError, match="temperature"):
+        fused_distill_parts(student.hidden(x), student.lm_head(), t_hidden, t_head, mask, temperature=temperature)
+    with pytest.raises(InputError, match="temperature"):
+        chunked_topk(t_hidden, t_head, 4, (1.0, temperature))
+
+
+def test_backward_after_a_zero_output_gradient_is_refused() -> None:
+    student, (t_hidden, t_head), mask, x = Student(False), teacher_parts(), make_mask(), ids()
+    total = fused_distill_parts(student.hidden(x), student.lm_head(), t_hidden, t_head, mask).total
+    (total * 0.0).backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="zero output gradient"):
+        total.backward()

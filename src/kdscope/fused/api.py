@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kdscope.errors import InputError
+from kdscope.labels import is_temperature
 from kdscope.losses import LossParts, Reduction, TailMode, divergence_rows, sparse_log_probs
 
 from .engine import (
@@ -245,7 +246,7 @@ def chunked_topk(
     vocabulary), both [n, len(temperatures)]; float32 arithmetic like ``kdscope.cache.sparsify``."""
     if k < 1:
         raise InputError(f"top-k must be >= 1, got {k}")
-    if any(not t > 0 for t in temperatures) or not temperatures:
+    if not temperatures or not all(is_temperature(t) for t in temperatures):
         raise InputError(f"temperatures must be > 0 and at least one, got {list(temperatures)}")
     rows = hidden.reshape(-1, hidden.shape[-1])
     width = head.vocab if vocab_width is None else min(vocab_width, head.vocab)

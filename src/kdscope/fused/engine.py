@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kdscope.errors import InputError
-from kdscope.losses import LOSS_NAMES, Reduction
+from kdscope.labels import check_temperature
+from kdscope.losses import LOSS_NAMES, Reduction, rescale_stored_grads
 
 from .heads import LinearHead
 
@@ -155,13 +156,7 @@ class _FusedHeadLoss(torch.autograd.Function):
     def backward(  # type: ignore[override]
         ctx: torch.autograd.function.FunctionCtx, grad_total: Tensor
     ) -> tuple[Tensor | None, ...]:
-        scale = float(grad_total)
-        if ctx.applied_scale == 0.0:
-            raise RuntimeError("kdscope fused loss: cannot backward again after a backward with a zero output gradient")
-        for grad in ctx.grads:
-            if grad is not None:
-                grad.mul_(scale / ctx.applied_scale)
-        ctx.applied_scale = scale
+        rescale_stored_grads(ctx, grad_total, ctx.grads, "kdscope fused loss")
         return (*ctx.grads, None)
 
 
@@ -217,8 +212,7 @@ def check_inputs(hidden: Tensor, head: LinearHead, mask: Tensor, name: str = "st
 def check_loss(loss: str, temperature: float, beta: float, alpha: float) -> None:
     if loss not in LOSS_NAMES:
         raise InputError(f"unknown distillation loss {loss!r}: use one of {', '.join(LOSS_NAMES)}")
-    if not temperature > 0:
-        raise InputError(f"temperature must be > 0, got {temperature}")
+    check_temperature(temperature)
     if not (0.0 <= beta <= 1.0 and 0.0 <= alpha <= 1.0):
         raise InputError(f"beta and alpha must be in [0, 1], got beta {beta}, alpha {alpha}")
 
