@@ -17,11 +17,13 @@ import torch
 from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForCausalLM
+from typer.testing import CliRunner
 
 from kdscope.cache import CachedTeacher, TeacherCache, cache_key
+from kdscope.cli import app
 from kdscope.fused import heads, teacher_noise
 from kdscope.losses import distill_loss_parts
-from kdscope.models import LoraSettings, attach_lora, build_tiny_model, tiny_config
+from kdscope.models import LoraSettings, attach_lora, build_tiny_model, load_model, tiny_config
 from kdscope.prompts import encode_example
 from kdscope.synthetic import generate_domain
 from kdscope.teacher import OnlineTeacher
@@ -37,7 +39,7 @@ BUDGET = VOCAB * 4 * 16 * 3
 micro-batch has about 4 x 50 rows: every loss runs in many chunks."""
 TOL = 1e-5
 BASE: dict[str, Any] = dict(micro_batch_size=4, grad_accum=2, max_length=MAX_LENGTH, lora=None, val_size=0,
-                            max_new_tokens=8)
+                            max_new_tokens=8, fused_memory_budget=BUDGET)
 
 
 def rel_err(actual: Tensor, expected: Tensor) -> float:
@@ -70,7 +72,7 @@ def _window(student: Any, batches: list[Batch], settings: TrainSettings, signal:
     window = window_units(batches, settings)
     losses = []
     for b in batches:
-        parts = batch_loss(student, b, settings, signal, window, BUDGET)
+        parts = batch_loss(student, b, settings, signal, window)
         parts.total.backward()
         losses.append(float(parts.total.detach()))
     return losses, [p.grad for p in student.parameters() if p.requires_grad]
@@ -241,7 +243,7 @@ def test_train_run_fused_equals_plain(models, tmp_path: Path) -> None:
                                  fused=fused, warmup_steps=1, eval_every=3, **{**BASE, "val_size": 4})
         model = _trainable(student)
         result = train(model, tok, EXAMPLES, settings, tmp_path / str(fused), teacher=OnlineTeacher(teacher,
-                       temperature=2.0), progress=False, memory_budget=BUDGET)
+                       temperature=2.0), progress=False)
         results[fused] = ([r["loss"] for r in result.history] + [result.best_val_loss], model)
     assert results[True][0] == pytest.approx(results[False][0], rel=TOL, abs=0)
     # AdamW divides each update by the root of its squared gradients: vocabulary rows whose gradients are ~0 get
@@ -263,7 +265,7 @@ def test_unsupported_student_falls_back_announced_once(models, caplog: pytest.Lo
     with caplog.at_level(logging.WARNING, logger="kdscope.fused"):
         with AllocationSizes() as sizes:
             for b in batches:
-                batch_loss(lora_student, b, settings, OnlineTeacher(teacher), window, BUDGET).total.backward()
+                batch_loss(lora_student, b, settings, OnlineTeacher(teacher), window).total.backward()
     announced = [r.getMessage() for r in caplog.records if "fused LM head + loss is off" in r.getMessage()]
     assert len(announced) == 1 and "output head" in announced[0], announced
     assert sizes.largest >= batches[0].input_ids.numel() * VOCAB  # the full logits: the plain path ran
@@ -317,7 +319,7 @@ def test_fused_step_never_allocates_batch_by_vocab(models, cache, signal_kind: s
                   if signal_kind == "cache" else OnlineTeacher(teacher, topk=64, vocab_width=VOCAB))
         with AllocationSizes() as sizes:
             for b in batches:
-                batch_loss(model, b, run, signal, window, BUDGET).total.backward()
+                batch_loss(model, b, run, signal, window).total.backward()
         largest[fused] = sizes.largest
     assert largest[True] < limit <= largest[False], (largest, limit)
 
@@ -342,3 +344,25 @@ def test_cache_built_chunk_by_chunk_equals_the_dense_build(models, cache, tmp_pa
         assert np.mean(a.log_probs == b.log_probs) > 0.99
         np.testing.assert_allclose(a.log_normalizers, b.log_normalizers, rtol=1e-6, atol=0)
         np.testing.assert_allclose(a.log_tails, b.log_tails, rtol=1e-6, atol=1e-6)
+
+
+def test_cli_fused_options_reach_the_trainer(tmp_path: Path) -> None:
+    """`train kd --no-fused` runs the full-logits path and the default runs fused (the largest tensor of the whole
+    command tells them apart); a budget below one byte is refused on one line naming the option (exit 2)."""
+    runner = CliRunner()
+    student, tok = load_model("builtin:tiny-qwen-xs", device="cpu")
+    common = ["train", "kd", "--student", "builtin:tiny-qwen-xs", "--teacher", "builtin:tiny-qwen-s", "--data",
+              "synthetic:math:8", "--max-steps", "1", "--val-size", "0", "--micro-batch-size", "4", "--grad-accum",
+              "1", "--max-length", "64", "--device", "cpu", "--full"]
+    largest = {}
+    for flag in ("--fused", "--no-fused"):
+        with AllocationSizes() as sizes:
+            result = runner.invoke(app, [*common, flag, "--fused-memory-budget", str(1 << 16), "--out",
+                                         str(tmp_path / flag)])
+        assert result.exit_code == 0, result.output
+        largest[flag] = sizes.largest
+    full_logits = 4 * 40 * student.get_output_embeddings().weight.shape[0]  # 4 rows of at least 40 tokens
+    assert largest["--fused"] < full_logits <= largest["--no-fused"], (largest, full_logits)
+    bad = runner.invoke(app, [*common, "--fused-memory-budget", "0", "--out", str(tmp_path / "bad")])
+    assert bad.exit_code == 2 and "--fused-memory-budget" in bad.output, bad.output
+    assert not (tmp_path / "bad" / "final").exists()

@@ -77,6 +77,12 @@ _ValSize = Annotated[Optional[int], typer.Option(help="Held-out items for best-c
 _Seed = Annotated[Optional[int], typer.Option(help="Seed (default 6, the study's).")]
 _Device = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N, mps.")]
 _Resume = Annotated[bool, typer.Option("--resume/--restart", help="Continue from the last checkpoint in --out.")]
+_Fused = Annotated[Optional[bool], typer.Option(
+    "--fused/--no-fused", help="LM head inside the loss, chunk by chunk: no [batch, seq, vocab] logits (default on; "
+                               "same values).")]
+_FusedBudget = Annotated[Optional[int], typer.Option(
+    help="Bytes of vocabulary-wide temporaries per chunk of the fused losses (default "
+         f"{TrainSettings.model_fields['fused_memory_budget'].default // 2**20} MiB); sets the chunk size.")]
 _Reduction = Annotated[Optional[str], typer.Option(
     help="sequence_mean (mean per sequence, then over sequences) or token_mean; default the study's: sequence_mean "
          "for kd, token_mean for gkd, seqkd and sft.")]
@@ -100,11 +106,13 @@ def train_sft_cmd(
     device: _Device = "auto",
     resume: _Resume = True,
     reduction: _Reduction = None,
+    fused: _Fused = None,
+    fused_memory_budget: _FusedBudget = None,
 ) -> None:
     """Supervised fine-tuning (cross-entropy): the teacher and the SFT baselines."""
     settings = _settings("sft", lora=lora, epochs=epochs, max_steps=max_steps, lr=lr, micro_batch_size=micro_batch_size,
                          grad_accum=grad_accum, max_length=max_length, val_size=val_size, seed=seed,
-                         reduction=reduction)
+                         reduction=reduction, fused=fused, fused_memory_budget=fused_memory_budget)
     _train(model, data, out, settings, resume, device=device)
 
 
@@ -142,6 +150,8 @@ def train_kd_cmd(
     seed: _Seed = None,
     device: _Device = "auto",
     resume: _Resume = True,
+    fused: _Fused = None,
+    fused_memory_budget: _FusedBudget = None,
     teacher_placement: Optional[str] = typer.Option(
         None, help="replicate, device, spread, fsdp or zero3 (default: replicate, or what the accelerate config "
                    "asks for); see docs/scale-out.md."),
@@ -157,7 +167,7 @@ def train_kd_cmd(
                          token_mask=token_mask, reduction=reduction, max_new_tokens=max_new_tokens, best_by=best_by,
                          lora=lora, epochs=epochs, max_steps=max_steps, lr=lr,
                          micro_batch_size=micro_batch_size, grad_accum=grad_accum, max_length=max_length,
-                         val_size=val_size, seed=seed)
+                         val_size=val_size, seed=seed, fused=fused, fused_memory_budget=fused_memory_budget)
     _train(student, data, out, settings, resume, teacher_ref=teacher, teacher_adapter=teacher_adapter, device=device,
            teacher_placement=teacher_placement, teacher_devices=teacher_device)
 

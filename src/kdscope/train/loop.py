@@ -23,7 +23,6 @@ import torch
 
 from ..distributed import SINGLE, DistContext, check_window
 from ..errors import InputError
-from ..fused import DEFAULT_MEMORY_BUDGET_BYTES
 from ..models import attach_lora
 from ..progress import progress_bar
 from ..prompts import Encoded, Example, encode_example
@@ -80,7 +79,6 @@ def train(
     progress: bool = True,
     stop_after: int | None = None,
     dist: DistContext = SINGLE,
-    memory_budget: int = DEFAULT_MEMORY_BUDGET_BYTES,
 ) -> TrainResult:
     """Train ``student`` (already wrapped by `prepare_student`) and save the best weights to ``out_dir/final``.
 
@@ -90,7 +88,6 @@ def train(
 
     ``dist`` (from `kdscope.distributed.init_distributed`) makes this one rank of a data-parallel run: every rank
     calls `train` with the same arguments, runs its share of each window and steps identically; rank 0 writes.
-    ``memory_budget``: bytes of vocabulary-wide temporaries per chunk of the fused losses (``settings.fused``).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -128,11 +125,10 @@ def train(
     for step in range(start, len(schedule)):
         torch.manual_seed(_step_seed(settings.seed, step))
         record = _train_step(student, tokenizer, encoded, schedule[step], settings, teacher, optimizer, scheduler,
-                             device, step, dist, memory_budget)
+                             device, step, dist)
         done = step + 1
         if val_encoded and (done % settings.eval_every == 0 or done == len(schedule)):
-            record["val_loss"] = validation_loss(student, val_encoded, tokenizer, settings, teacher, device,
-                                                 memory_budget)
+            record["val_loss"] = validation_loss(student, val_encoded, tokenizer, settings, teacher, device)
             if best_val is None or record["val_loss"] < best_val:
                 best_val = record["val_loss"]
                 if dist.is_main:
@@ -180,8 +176,7 @@ def _micro_seed(seed: int, step: int, micro: int, phase: int) -> int:
 
 def _train_step(student: Any, tokenizer: Any, encoded: list[Encoded], micro_batches: list[list[int]],
                 settings: TrainSettings, teacher: TeacherFn | None, optimizer: Any, scheduler: Any,
-                device: torch.device, step: int, dist: DistContext = SINGLE,
-                memory_budget: int = DEFAULT_MEMORY_BUDGET_BYTES) -> dict[str, Any]:
+                device: torch.device, step: int, dist: DistContext = SINGLE) -> dict[str, Any]:
     # this rank's share of the window (all of it in a single process), with each micro-batch's global index
     mine = [(a, collate([encoded[i] for i in mb], tokenizer.pad_token_id, settings.token_mask).to(device))
             for a, mb in dist.shard(micro_batches) if mb]
@@ -203,7 +198,7 @@ def _train_step(student: Any, tokenizer: Any, encoded: list[Encoded], micro_batc
     loss = ce = kd = 0.0
     for a, b in mine:
         torch.manual_seed(_micro_seed(settings.seed, step, a, 1))
-        parts = batch_loss(student, b, settings, teacher, window, memory_budget)
+        parts = batch_loss(student, b, settings, teacher, window)
         parts.total.backward()
         loss += float(parts.total.detach())
         ce += parts.ce

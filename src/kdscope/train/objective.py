@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from ..cache import CachedTeacher, sequence_hash
 from ..errors import InputError
-from ..fused import (DEFAULT_MEMORY_BUDGET_BYTES, LinearHead, TeacherHidden, chunked_topk, fused_cross_entropy_parts,
+from ..fused import (LinearHead, TeacherHidden, chunked_topk, fused_cross_entropy_parts,
                      fused_distill_parts, fused_distill_sparse_parts, fused_supported, fused_teacher_ready,
                      last_hidden_states, online_teacher_hidden)
 from ..losses import cross_entropy_parts, distill_loss_parts, distill_loss_sparse, student_objective
@@ -81,16 +81,16 @@ def kd_weight(settings: TrainSettings) -> float:
 
 
 def batch_loss(student: Any, batch: Batch, settings: TrainSettings, teacher: TeacherFn | None,
-               window: Units, memory_budget: int = DEFAULT_MEMORY_BUDGET_BYTES) -> StepLosses:
+               window: Units) -> StepLosses:
     """(1-w)*CE + w*KD of one micro-batch, as its share of the accumulation window (``window`` units).
 
-    Fused (no vocabulary-sized logits) when ``settings.fused`` and `fused_student` allow; ``memory_budget`` bounds the
-    fused path's per-chunk temporaries (kdscope.fused.chunk_rows)."""
+    Fused (no vocabulary-sized logits) when ``settings.fused`` and `fused_student` allow;
+    ``settings.fused_memory_budget`` bounds the fused path's per-chunk temporaries (kdscope.fused.chunk_rows)."""
     w = kd_weight(settings)
     if w > 0 and teacher is None:
         raise InputError(f"objective {settings.objective} needs a teacher; give --teacher")
     if fused_student(student, settings):
-        return _fused_batch_loss(student, batch, settings, teacher, window, memory_budget)
+        return _fused_batch_loss(student, batch, settings, teacher, window, settings.fused_memory_budget)
     logits = student(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
     ce = kd = None
     if w < 1:  # the study's w = 1 needs no cross-entropy pass
@@ -145,7 +145,7 @@ def _fused_batch_loss(student: Any, batch: Batch, settings: TrainSettings, teach
 
 
 def fused_teacher_signal(teacher: TeacherFn, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                         budget: int = DEFAULT_MEMORY_BUDGET_BYTES) -> TeacherHidden | TeacherOutput:
+                         budget: int) -> TeacherHidden | TeacherOutput:
     """The teacher's side of a fused KD step, without its full logits where it can: a dense online teacher's last
     hidden states and head; an online top-k teacher's (or a cache's online fallback's) top-k taken chunk by chunk;
     otherwise the teacher's own signal (the cache's stored top-k, or full logits)."""
@@ -229,8 +229,7 @@ def _kd_sum(logits: torch.Tensor, signal: TeacherOutput, mask: torch.Tensor, set
 
 @torch.no_grad()
 def validation_loss(student: Any, val_encoded: list[Encoded], tokenizer: Any, settings: TrainSettings,
-                    teacher: TeacherFn | None, device: torch.device,
-                    memory_budget: int = DEFAULT_MEMORY_BUDGET_BYTES) -> float:
+                    teacher: TeacherFn | None, device: torch.device) -> float:
     """The number that picks the best checkpoint (``settings.best_by``).
 
     ``ce`` (the study's): the student's cross-entropy, as the Hugging Face trainer evaluates it (its KD term is added
@@ -249,7 +248,8 @@ def validation_loss(student: Any, val_encoded: list[Encoded], tokenizer: Any, se
             if fused:
                 parts = fused_cross_entropy_parts(last_hidden_states(student, b.input_ids, b.attention_mask)[:, :-1],
                                                   LinearHead.of(student), b.input_ids[:, 1:], b.loss_mask,
-                                                  reduction="token_mean", memory_budget=memory_budget)
+                                                  reduction="token_mean",
+                                                  memory_budget=settings.fused_memory_budget)
             else:
                 logits = student(input_ids=b.input_ids, attention_mask=b.attention_mask).logits[:, :-1]
                 parts = cross_entropy_parts(logits, b.input_ids[:, 1:], b.loss_mask, reduction="token_mean")
@@ -257,6 +257,6 @@ def validation_loss(student: Any, val_encoded: list[Encoded], tokenizer: Any, se
         result = total / max(len(val_encoded), 1)
     else:
         window = window_units(batches, settings)
-        result = sum(float(batch_loss(student, b, settings, teacher, window, memory_budget).total) for b in batches)
+        result = sum(float(batch_loss(student, b, settings, teacher, window).total) for b in batches)
     student.train(was_training)
     return result

@@ -10,6 +10,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
+from ..fused import DEFAULT_MEMORY_BUDGET_BYTES
 from ..losses import LOSS_NAMES
 from ..models import LoraSettings
 from ..xtok import XTOK_LOSS_NAMES
@@ -62,6 +63,9 @@ class TrainSettings(BaseModel):
     fused: bool = Field(True, description="run the LM heads inside the losses, chunk by chunk, so no [batch, seq, "
                         "vocab] logits exist (kdscope.fused; same values); models whose logits are not head(hidden) "
                         "and cross-tokenizer losses use full logits, announced once in the log")
+    fused_memory_budget: int = Field(
+        DEFAULT_MEMORY_BUDGET_BYTES, ge=1, description="bytes of vocabulary-wide temporaries one chunk of the fused "
+        "losses may hold; sets the chunk size (kdscope.fused.chunk_rows), not the values")
     lr: float = Field(3e-4, gt=0)
     weight_decay: float = 0.0
     warmup_steps: int = Field(100, ge=0)
