@@ -28,8 +28,9 @@ from kdscope.prompts import encode_example
 from kdscope.synthetic import generate_domain
 from kdscope.teacher import OnlineTeacher
 from kdscope.train import Batch, TrainSettings, batch_loss, collate, on_policy_batch, prepare_student, train, window_units
-from kdscope.train import objective
 from kdscope.train.objective import fused_student
+from kdscope.xtok import CrossTokenizerTeacher, cross_tokenizer_teacher
+from xtok_tokenizers import sentencepiece_tokenizer
 
 EXAMPLES = generate_domain("math", 16, seed=0)
 MAX_LENGTH = 64
@@ -271,19 +272,59 @@ def test_unsupported_student_falls_back_announced_once(models, caplog: pytest.Lo
     assert sizes.largest >= batches[0].input_ids.numel() * VOCAB  # the full logits: the plain path ran
 
 
-def test_cross_tokenizer_loss_falls_back_announced_once(models, caplog: pytest.LogCaptureFixture,
-                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    """--loss xtok_kl / uld compare aligned spans of full logits: the student runs plain, said once; fused=False too."""
-    student, _, _ = models
-    monkeypatch.setattr(objective, "_announced", set())
-    settings = TrainSettings(objective="kd", loss="xtok_kl", **BASE)
-    with caplog.at_level(logging.WARNING, logger="kdscope.train"):
-        assert not fused_student(student, settings) and not fused_student(student, settings)
-    assert [r.getMessage() for r in caplog.records if "xtok_kl" in r.getMessage()] == [
-        "fused LM head + loss is off for --loss xtok_kl: cross-tokenizer losses compare aligned spans of full logits; "
-        "using full logits instead"]
-    assert fused_student(student, TrainSettings(objective="kd", **BASE))
-    assert not fused_student(student, TrainSettings(objective="kd", fused=False, **BASE))
+@pytest.fixture(scope="module")
+def xtok_pair(models) -> tuple[torch.nn.Module, Any, torch.nn.Module, Any]:
+    """A student of another family: a tiny Llama on a SentencePiece-style tokenizer; the teacher tiny-qwen-s (BPE)."""
+    _, teacher, teacher_tok = models
+    student_tok = sentencepiece_tokenizer()
+    torch.manual_seed(13)
+    student = AutoModelForCausalLM.from_config(
+        tiny_config("tiny-llama-s", len(student_tok), student_tok.eos_token_id, student_tok.pad_token_id))
+    with torch.no_grad():
+        student.get_output_embeddings().weight.mul_(20.0)
+    return student, student_tok, teacher, teacher_tok
+
+
+@pytest.mark.parametrize("loss,reduction,temperature,kd_weight", [
+    ("xtok_kl", "sequence_mean", 2.0, 1.0), ("xtok_reverse_kl", "token_mean", 1.0, 0.5),
+    ("xtok_jsd", "token_mean", 1.0, 1.0), ("uld", "sequence_mean", 2.0, 1.0)])
+def test_cross_tokenizer_kd_fused_equals_plain(xtok_pair, loss: str, reduction: str, temperature: float,
+                                               kd_weight: float) -> None:
+    """A teacher with another tokenizer: both heads run inside the loss over aligned spans (the teacher's hidden
+    states, not its logits), with the plain path's values and gradients."""
+    student, student_tok, teacher, teacher_tok = xtok_pair
+    settings = TrainSettings(objective="kd", loss=loss, reduction=reduction, temperature=temperature,
+                             kd_weight=kd_weight, **BASE)
+    width = student.get_output_embeddings().weight.shape[0]
+
+    def signal() -> CrossTokenizerTeacher:
+        return cross_tokenizer_teacher(settings, teacher, teacher_tok, student_tok, width)
+
+    assert signal().fused_ready
+    batches = _batches(student_tok, settings)
+    assert_fused_equals_plain(_trainable(student), batches, settings, signal)
+    largest = {}
+    for fused in (True, False):
+        with AllocationSizes() as sizes:
+            _window(_trainable(student), batches, settings, signal(), fused)
+        largest[fused] = sizes.largest
+    teacher_rows = min(signal()(b.input_ids, b.attention_mask).teacher_input_ids.numel() for b in batches)
+    limit = min(min(b.input_ids.numel() for b in batches) * width, teacher_rows * VOCAB)  # either model's logits
+    assert largest[True] < limit <= largest[False], (largest, limit)
+
+
+def test_cross_tokenizer_noisy_teacher_fused_student(xtok_pair) -> None:
+    """A noisy teacher keeps its dense logits (the noise is drawn over them); the student side still runs fused and
+    equals the plain path on the same draws."""
+    student, student_tok, teacher, teacher_tok = xtok_pair
+    settings = TrainSettings(objective="kd", loss="xtok_kl", noise_sigma=1.0, seed=4, **BASE)
+    width = student.get_output_embeddings().weight.shape[0]
+
+    def signal() -> CrossTokenizerTeacher:
+        return cross_tokenizer_teacher(settings, teacher, teacher_tok, student_tok, width)
+
+    assert not signal().fused_ready
+    assert_fused_equals_plain(_trainable(student), _batches(student_tok, settings), settings, signal)
 
 
 class AllocationSizes(TorchDispatchMode):

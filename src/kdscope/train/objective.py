@@ -14,12 +14,13 @@ Fused path (``settings.fused``, the default; issue 15): the student runs to its 
 inside the losses (kdscope.fused), chunk by chunk, so no [batch, seq, vocab] tensor exists: cross-entropy through
 ``fused_cross_entropy_parts``; KD from a dense online teacher (noise, base teacher and vocabulary alignment included)
 through ``fused_distill_parts`` on the teacher's last hidden states and head; from a top-k signal (cache, or an online
-top-k teacher built chunk by chunk by ``fused.chunked_topk``) through ``fused_distill_sparse_parts``. Same positions,
+top-k teacher built chunk by chunk by ``fused.chunked_topk``) through ``fused_distill_sparse_parts``; from a teacher
+with another tokenizer through ``xtok.xtok_fused_kd_sum`` on both models' hidden states and heads. Same positions,
 reductions and window units as the plain path, so the values and gradients agree to float rounding
 (tests/test_train_fused.py). One exception, by design: the noise ablation draws the same distribution, N(0, sigma^2)
 i.i.d. on every teacher logit and fresh each step, but other numbers (per-row seeded, see kdscope.fused). The
-student falls back to full logits (announced once in the log) for cross-tokenizer losses and for architectures
-whose logits are not ``head(last hidden state)``. A teacher that cannot run fused gives its usual signal: a top-k
+student falls back to full logits (announced once in the log) for architectures whose logits are not
+``head(last hidden state)``. A teacher that cannot run fused gives its usual signal: a top-k
 one (a noisy online top-k teacher) meets the fused student; dense logits (softcapping, a teacher spread over
 devices) meet the student's full logits, taken from the same hidden states.
 """
@@ -28,8 +29,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
-
-import logging
 
 import torch
 import torch.nn.functional as F
@@ -42,7 +41,7 @@ from ..fused import (LinearHead, TeacherHidden, chunked_topk, fused_cross_entrop
 from ..losses import cross_entropy_parts, distill_loss_parts, distill_loss_sparse, student_objective
 from ..prompts import Encoded
 from ..teacher import OnlineTeacher, TeacherOutput, align_vocab
-from ..xtok import XTOK_LOSS_NAMES, CrossTokenizerSignal, xtok_kd_sum
+from ..xtok import CrossTokenizerSignal, CrossTokenizerTeacher, xtok_fused_kd_sum, xtok_kd_sum
 from .batches import Batch, collate
 from .settings import TrainSettings
 
@@ -107,23 +106,10 @@ def _step_losses(kd: torch.Tensor | None, ce: torch.Tensor | None, w: float, lik
     return StepLosses(total, 0.0 if ce is None else float(ce.detach()), 0.0 if kd is None else float(kd.detach()))
 
 
-LOG = logging.getLogger("kdscope.train")
-_announced: set[str] = set()
-
-
 def fused_student(student: Any, settings: TrainSettings) -> bool:
-    """Whether the student's losses run fused: ``settings.fused``, a same-tokenizer loss and an architecture whose
-    logits are ``head(last hidden state)``; each fallback is announced once in the log."""
-    if not settings.fused:
-        return False
-    if settings.loss in XTOK_LOSS_NAMES and kd_weight(settings) > 0:
-        message = (f"fused LM head + loss is off for --loss {settings.loss}: cross-tokenizer losses compare aligned "
-                   "spans of full logits; using full logits instead")
-        if message not in _announced:
-            _announced.add(message)
-            LOG.warning(message)
-        return False
-    return fused_supported(student)
+    """Whether the student's losses run fused: ``settings.fused`` and an architecture whose logits are
+    ``head(last hidden state)`` (a fallback is announced once in the log by ``fused_supported``)."""
+    return settings.fused and fused_supported(student)
 
 
 def _fused_batch_loss(student: Any, batch: Batch, settings: TrainSettings, teacher: TeacherFn | None, window: Units,
@@ -148,7 +134,11 @@ def fused_teacher_signal(teacher: TeacherFn, input_ids: torch.Tensor, attention_
                          budget: int) -> TeacherHidden | TeacherOutput:
     """The teacher's side of a fused KD step, without its full logits where it can: a dense online teacher's last
     hidden states and head; an online top-k teacher's (or a cache's online fallback's) top-k taken chunk by chunk;
-    otherwise the teacher's own signal (the cache's stored top-k, or full logits)."""
+    a noise-free teacher with another tokenizer's hidden states and head; otherwise the teacher's own signal (the
+    cache's stored top-k, or full logits)."""
+    if isinstance(teacher, CrossTokenizerTeacher):
+        return teacher.hidden_signal(input_ids, attention_mask) if teacher.fused_ready else teacher(input_ids,
+                                                                                                       attention_mask)
     if fused_teacher_ready(teacher):
         assert isinstance(teacher, OnlineTeacher)
         return online_teacher_hidden(teacher, input_ids, attention_mask)
@@ -192,7 +182,10 @@ def _fused_kd_sum(hidden: torch.Tensor, head: LinearHead, signal: TeacherHidden 
     if isinstance(signal, TeacherHidden):
         return fused_distill_parts(hidden, head, signal.hidden, signal.head, mask, noise_sigma=signal.noise_sigma,
                                    noise_seed=signal.noise_seed, **kw).total
-    if isinstance(signal, CrossTokenizerSignal) or signal.logits is not None:
+    if isinstance(signal, CrossTokenizerSignal):
+        return xtok_fused_kd_sum(hidden, head, signal, mask, str(settings.loss), settings.temperature,
+                                 settings.scale_by_t2, settings.resolved_reduction, budget)
+    if signal.logits is not None:
         return _kd_sum(F.linear(hidden, head.weight, head.bias), signal, mask, settings)
     _check_signal_temperature(signal, settings)
     assert signal.topk_values is not None and signal.topk_indices is not None

@@ -62,7 +62,7 @@ class TrainSettings(BaseModel):
     base_teacher: bool = Field(False, description="ablation: the teacher without its task adapter")
     fused: bool = Field(True, description="run the LM heads inside the losses, chunk by chunk, so no [batch, seq, "
                         "vocab] logits exist (kdscope.fused; same values); models whose logits are not head(hidden) "
-                        "and cross-tokenizer losses use full logits, announced once in the log")
+                        "use full logits, announced once in the log")
     fused_memory_budget: int = Field(
         DEFAULT_MEMORY_BUDGET_BYTES, ge=1, description="bytes of vocabulary-wide temporaries one chunk of the fused "
         "losses may hold; sets the chunk size (kdscope.fused.chunk_rows), not the values")

@@ -22,8 +22,10 @@ from .align import (
     retokenize_for_teacher,
 )
 from .batch import AlignedBatch, SideIndex, aligned_batch
-from .loss import XTOK_DIVERGENCES, XTOK_LOSS_NAMES, bucket_log_probs, xtok_fused_parts, xtok_loss_parts
-from .signal import CrossTokenizerSignal, CrossTokenizerTeacher, cross_tokenizer_teacher, xtok_kd_sum
+from .loss import (XTOK_DIVERGENCES, XTOK_LOSS_NAMES, bucket_log_probs, head_rows, logits_rows, xtok_fused_parts,
+                   xtok_head_parts, xtok_loss_parts)
+from .signal import (CrossTokenizerSignal, CrossTokenizerTeacher, cross_tokenizer_teacher, xtok_fused_kd_sum,
+                     xtok_kd_sum)
 from .vocab import SharedVocabulary, TokenSpelling, decoder_kind, shared_vocabulary, token_spelling
 
 __all__ = [
@@ -44,10 +46,14 @@ __all__ = [
     "cross_tokenizer_teacher",
     "byte_offsets_of_ids",
     "decoder_kind",
+    "head_rows",
+    "logits_rows",
     "retokenize_for_teacher",
     "shared_vocabulary",
     "token_spelling",
+    "xtok_fused_kd_sum",
     "xtok_fused_parts",
+    "xtok_head_parts",
     "xtok_kd_sum",
     "xtok_loss_parts",
 ]

@@ -291,11 +291,24 @@ def xtok_loss_parts(
     (:func:`kdscope.xtok.aligned_batch`). Gradients flow to the student logits only."""
     if student_logits.dim() != 3 or teacher_logits.dim() != 3:
         raise InputError("student and teacher logits must both be [batch, seq, vocab]")
-    teacher = teacher_logits.detach()
-    plan = _plan(batch, lambda b, p: teacher[b.to(teacher.device), p.to(teacher.device)], teacher.shape[-1],
-                 student_logits.shape[-1], vocab, loss, divergence, beta, alpha, temperature, scale_by_t2,
-                 memory_budget)
+    plan = _plan(batch, logits_rows(teacher_logits), teacher_logits.shape[-1], student_logits.shape[-1], vocab, loss,
+                 divergence, beta, alpha, temperature, scale_by_t2, memory_budget)
     return LossParts(total=_XtokLoss.apply(student_logits, None, None, plan), count=batch.count)
+
+
+def logits_rows(teacher_logits: Tensor) -> TeacherRows:
+    """The teacher rows of dense teacher logits [batch, seq, vocab]."""
+    teacher = teacher_logits.detach()
+    return lambda b, p: teacher[b.to(teacher.device), p.to(teacher.device)]
+
+
+def head_rows(teacher_hidden: Tensor, teacher_head: LinearHead) -> TeacherRows:
+    """The teacher rows made on demand from its last hidden states [batch, seq, hidden] and LM head: only the gathered
+    rows' logits ever exist."""
+    hidden = teacher_hidden.detach()
+    weight = teacher_head.weight.detach()
+    bias = None if teacher_head.bias is None else teacher_head.bias.detach()
+    return lambda b, p: F.linear(hidden[b.to(hidden.device), p.to(hidden.device)], weight, bias)
 
 
 def xtok_fused_parts(
@@ -317,16 +330,35 @@ def xtok_fused_parts(
     """:func:`xtok_loss_parts` from both models' last hidden states [batch, seq, hidden] and LM heads (see
     ``kdscope.fused``): logits exist only chunk by chunk; gradients land on the student hidden states, head weight
     and bias."""
-    if student_hidden.dim() != 3 or teacher_hidden.dim() != 3:
-        raise InputError("student and teacher hidden states must both be [batch, seq, hidden]")
-    t_hidden = teacher_hidden.detach()
-    t_weight = teacher_head.weight.detach()
-    t_bias = None if teacher_head.bias is None else teacher_head.bias.detach()
+    if teacher_hidden.dim() != 3:
+        raise InputError("teacher hidden states must be [batch, seq, hidden]")
+    return xtok_head_parts(student_hidden, student_head, head_rows(teacher_hidden, teacher_head), teacher_head.vocab,
+                           batch, vocab, loss, temperature, scale_by_t2, divergence=divergence, beta=beta,
+                           alpha=alpha, memory_budget=memory_budget)
 
-    def teacher_rows(b: Tensor, p: Tensor) -> Tensor:
-        return F.linear(t_hidden[b.to(t_hidden.device), p.to(t_hidden.device)], t_weight, t_bias)
 
-    plan = _plan(batch, teacher_rows, teacher_head.vocab, student_head.vocab, vocab, loss, divergence, beta, alpha,
+def xtok_head_parts(
+    student_hidden: Tensor,
+    student_head: LinearHead,
+    teacher_rows: TeacherRows,
+    teacher_width: int,
+    batch: AlignedBatch,
+    vocab: SharedVocabulary | None = None,
+    loss: str = "xtok_kl",
+    temperature: float = 1.0,
+    scale_by_t2: bool = True,
+    *,
+    divergence: str = "forward_kl",
+    beta: float = 0.5,
+    alpha: float = 0.1,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET_BYTES,
+) -> LossParts:
+    """The student side of :func:`xtok_fused_parts` with the teacher given as rows (:func:`head_rows`, or
+    :func:`logits_rows` for a teacher whose dense logits exist anyway: a noisy one): the student's logits exist only
+    chunk by chunk."""
+    if student_hidden.dim() != 3:
+        raise InputError("student hidden states must be [batch, seq, hidden]")
+    plan = _plan(batch, teacher_rows, teacher_width, student_head.vocab, vocab, loss, divergence, beta, alpha,
                  temperature, scale_by_t2, memory_budget)
     total = _XtokLoss.apply(student_hidden, student_head.weight, student_head.bias, plan)
     return LossParts(total=total, count=batch.count)

@@ -6,6 +6,11 @@ mask), so the trainer calls it as any teacher, on the data's batches and on GKD'
 ids the student holds are spelled out as text (``retokenize_for_teacher``) and encoded by the teacher's tokenizer.
 The teacher itself runs through ``kdscope.teacher.OnlineTeacher`` (dense), which brings its noise ablation, the base
 teacher (adapter off), the finiteness check and the resumable noise generator unchanged.
+
+On the trainer's fused path (``TrainSettings.fused``) ``hidden_signal`` gives the teacher's last hidden states and head
+instead of its logits, and ``xtok_fused_kd_sum`` runs both heads inside the loss, chunk by chunk over the aligned
+spans: neither model's [batch, seq, vocab] logits exist. A noisy teacher keeps its dense logits (its noise is drawn
+over them; only the student side is fused then).
 """
 
 from __future__ import annotations
@@ -18,21 +23,25 @@ import torch
 from torch import Tensor
 
 from kdscope.errors import InputError
-from kdscope.losses import Reduction
+from kdscope.fused import DEFAULT_MEMORY_BUDGET_BYTES, LinearHead, fused_teacher_ready, online_teacher_hidden
+from kdscope.losses import LossParts, Reduction
 from kdscope.padding import pad_rows
 from kdscope.teacher import OnlineTeacher, TeacherOutput, logit_width
 
 from .align import Alignment, retokenize_for_teacher
-from .batch import aligned_batch
-from .loss import xtok_loss_parts
+from .batch import AlignedBatch, aligned_batch
+from .loss import TeacherRows, head_rows, logits_rows, xtok_head_parts, xtok_loss_parts
 from .vocab import SharedVocabulary, TokenSpelling, decoder_kind, shared_vocabulary, token_spelling
 
 
 @dataclass(frozen=True)
 class CrossTokenizerSignal(TeacherOutput):
-    """Dense teacher ``logits`` [batch, teacher seq, teacher vocab] on the teacher's own tokens (right padded), the
-    student ids they were made from, one alignment per row and where each row's tokens start in the padded rows."""
+    """Dense teacher ``logits`` [batch, teacher seq, teacher vocab] on the teacher's own tokens (right padded), or on
+    the fused path its last ``teacher_hidden`` states and ``teacher_head``; the student ids they were made from, one
+    alignment per row and where each row's tokens start in the padded rows."""
 
+    teacher_hidden: Tensor | None = None
+    teacher_head: LinearHead | None = None
     student_input_ids: Tensor | None = None
     teacher_input_ids: Tensor | None = None
     alignments: tuple[Alignment, ...] = ()
@@ -40,6 +49,14 @@ class CrossTokenizerSignal(TeacherOutput):
     vocab: SharedVocabulary | None = None
     beta: float = 0.5  # the run's JSD interpolation (xtok_jsd) and skew (skew losses), as its settings give them
     alpha: float = 0.1
+
+    def teacher_rows(self) -> tuple[TeacherRows, int]:
+        """(the teacher's logits at gathered positions, its vocabulary width), from its logits or hidden states."""
+        if self.teacher_hidden is not None and self.teacher_head is not None:
+            return head_rows(self.teacher_hidden, self.teacher_head), self.teacher_head.vocab
+        if self.logits is None:
+            raise InputError("a cross-tokenizer signal needs the teacher's logits or its hidden states and head")
+        return logits_rows(self.logits), self.logits.shape[-1]
 
 
 def _prefix_ids(tokenizer: Any) -> list[int]:
@@ -83,7 +100,24 @@ class CrossTokenizerTeacher:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.online.load_state_dict(state)
 
+    @property
+    def fused_ready(self) -> bool:
+        """Whether ``hidden_signal`` can stand in for the logits: a noise-free teacher whose logits are head(hidden)."""
+        return self.online.noise_sigma == 0 and fused_teacher_ready(self.online)
+
     def __call__(self, input_ids: Tensor, attention_mask: Tensor) -> CrossTokenizerSignal:
+        teacher_ids, teacher_mask, fields = self._retokenized(input_ids, attention_mask)
+        logits = self.online.teacher_logits(teacher_ids, teacher_mask)
+        return CrossTokenizerSignal(logits=logits, **fields)
+
+    def hidden_signal(self, input_ids: Tensor, attention_mask: Tensor) -> CrossTokenizerSignal:
+        """The same signal with the teacher's last hidden states and head instead of its logits (``fused_ready``)."""
+        teacher_ids, teacher_mask, fields = self._retokenized(input_ids, attention_mask)
+        state = online_teacher_hidden(self.online, teacher_ids, teacher_mask)
+        return CrossTokenizerSignal(teacher_hidden=state.hidden, teacher_head=state.head, **fields)
+
+    def _retokenized(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor, dict[str, Any]]:
+        """The student's rows re-tokenised for the teacher (padded, on its device) and the signal's other fields."""
         rows: list[list[int]] = []
         alignments: list[Alignment] = []
         starts: list[int] = []
@@ -96,11 +130,10 @@ class CrossTokenizerTeacher:
             alignments.append(alignment)
             starts.append(attended.index(True) if True in attended else 0)  # left padding before the row's tokens
         teacher_ids, teacher_mask = pad_rows(rows, self.pad_id, min_width=1)
-        logits = self.online.teacher_logits(teacher_ids.to(self.device), teacher_mask.to(self.device))
-        return CrossTokenizerSignal(logits=logits, temperature=self.online.temperature,
-                                    student_input_ids=input_ids.detach().cpu(), teacher_input_ids=teacher_ids,
-                                    alignments=tuple(alignments), student_starts=tuple(starts), vocab=self.vocab,
-                                    beta=self.beta, alpha=self.alpha)
+        fields = dict(temperature=self.online.temperature, student_input_ids=input_ids.detach().cpu(),
+                      teacher_input_ids=teacher_ids, alignments=tuple(alignments), student_starts=tuple(starts),
+                      vocab=self.vocab, beta=self.beta, alpha=self.alpha)
+        return teacher_ids.to(self.device), teacher_mask.to(self.device), fields
 
 
 def cross_tokenizer_teacher(settings: Any, teacher_model: torch.nn.Module | None, teacher_tokenizer: Any,
@@ -131,12 +164,35 @@ def xtok_kd_sum(student_logits: Tensor, signal: CrossTokenizerSignal, kd_mask: T
     divides by its window's units. The units it counts are the student's masked positions (or sequences); the sum is
     rescaled from aligned spans to those units, so a window of one micro-batch gets exactly the mean over its spans.
     ``kd_mask`` marks student positions as ``losses.kd_token_mask`` does (position t predicts token t+1)."""
-    if signal.student_input_ids is None or signal.teacher_input_ids is None or signal.logits is None:
-        raise InputError("a cross-tokenizer loss needs the signal of kdscope.xtok.CrossTokenizerTeacher")
-    batch = aligned_batch(signal.alignments, signal.student_input_ids, signal.teacher_input_ids, kd_mask.cpu(),
-                          student_starts=signal.student_starts, reduction=reduction)
+    if signal.logits is None:
+        raise InputError("a cross-tokenizer loss on student logits needs the teacher's logits (CrossTokenizerTeacher)")
+    batch = _aligned(signal, kd_mask, reduction)
     parts = xtok_loss_parts(student_logits, signal.logits, batch, signal.vocab, loss, temperature, scale_by_t2,
                             beta=signal.beta, alpha=signal.alpha)
+    return _per_student_units(parts, kd_mask, reduction)
+
+
+def xtok_fused_kd_sum(student_hidden: Tensor, student_head: LinearHead, signal: CrossTokenizerSignal,
+                      kd_mask: Tensor, loss: str, temperature: float, scale_by_t2: bool, reduction: Reduction,
+                      memory_budget: int = DEFAULT_MEMORY_BUDGET_BYTES) -> Tensor:
+    """``xtok_kd_sum`` from the student's last hidden states [batch, seq, hidden] and head: the student's logits
+    exist only chunk by chunk, and the teacher's too when the signal holds its hidden states (``hidden_signal``)."""
+    teacher_rows, teacher_width = signal.teacher_rows()
+    parts = xtok_head_parts(student_hidden, student_head, teacher_rows, teacher_width,
+                            _aligned(signal, kd_mask, reduction), signal.vocab, loss, temperature, scale_by_t2,
+                            beta=signal.beta, alpha=signal.alpha, memory_budget=memory_budget)
+    return _per_student_units(parts, kd_mask, reduction)
+
+
+def _aligned(signal: CrossTokenizerSignal, kd_mask: Tensor, reduction: Reduction) -> AlignedBatch:
+    if signal.student_input_ids is None or signal.teacher_input_ids is None:
+        raise InputError("a cross-tokenizer loss needs the signal of kdscope.xtok.CrossTokenizerTeacher")
+    return aligned_batch(signal.alignments, signal.student_input_ids, signal.teacher_input_ids, kd_mask.cpu(),
+                         student_starts=signal.student_starts, reduction=reduction)
+
+
+def _per_student_units(parts: LossParts, kd_mask: Tensor, reduction: Reduction) -> Tensor:
+    """The span sum rescaled to the student's units (masked positions, or sequences) that the trainer counts."""
     mask = kd_mask.to(torch.bool)
     units = int(mask.sum()) if reduction == "token_mean" else int((mask.sum(-1) > 0).sum())
     return parts.total * (units / parts.count) if parts.count else parts.total
