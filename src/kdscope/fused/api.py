@@ -17,6 +17,7 @@ from .engine import (
     CROSS_ENTROPY_BLOCKS_PER_ROW,
     DEFAULT_MEMORY_BUDGET_BYTES,
     FORWARD_KL_BLOCKS_PER_ROW,
+    SPARSE_FORWARD_KL_BLOCKS_PER_ROW,
     TOPK_BLOCKS_PER_ROW,
     ChunkPlan,
     check_inputs,
@@ -176,13 +177,45 @@ def fused_distill_sparse_parts(
         )
         return divergence_rows(log_p, log_q, loss, beta, alpha)
 
+    @torch.no_grad()
+    def kl_and_grad(student_logits: Tensor, start: int, stop: int) -> tuple[Tensor, Tensor]:
+        # Forward KL over the k (+ tail) outcomes, sum_i p_i (log p_i - log q_i), with P = sum_i p_i (1 up to the
+        # rounding of the stored values) and s the logits / T. renormalise: log q_i = s_i - logsumexp_K(s), so the
+        # gradient is P q_i - p_i on the top-k ids and 0 elsewhere. tail_bucket: log q_i = s_i - logsumexp(s) and
+        # log q_tail = logsumexp_{not K}(s) - logsumexp(s), so the gradient is P softmax(s)_j - p_tail
+        # softmax_{not K}(s)_j off the top-k and P softmax(s)_i - p_i on it. All divided by T. The loss values are
+        # the autograd path's (the same sparse_log_probs and divergence_rows).
+        idx = indices[start:stop]
+        tail_kw = {} if log_tail is None else {"teacher_log_tail": log_tail[start:stop]}
+        log_p, log_q = sparse_log_probs(student_logits, values[start:stop], idx,
+                                        None if normalizer is None else normalizer[start:stop], temperature,
+                                        effective_tail, **tail_kw)
+        per_row = divergence_rows(log_p, log_q, "forward_kl", beta, alpha)
+        p = log_p.exp()
+        total_p = p.sum(-1, keepdim=True)
+        k = idx.shape[1]
+        scaled = soften_(student_logits, temperature)
+        if effective_tail == "renormalise":
+            grad = scaled.zero_().scatter_(1, idx, log_q.exp().mul_(total_p).sub_(p))
+        else:
+            log_norm = torch.logsumexp(scaled, dim=-1, keepdim=True)
+            off_topk = scaled.scatter(1, idx, float("-inf"))
+            off_topk.sub_(torch.logsumexp(off_topk, dim=-1, keepdim=True)).exp_().mul_(p[:, k:])  # p_tail softmax
+            grad = scaled.sub_(log_norm).exp_().mul_(total_p).sub_(off_topk)
+            del off_topk
+            grad.scatter_(1, idx, log_q[:, :k].exp().mul_(total_p).sub_(p[:, :k]))
+        return per_row, grad if temperature == 1.0 else grad.div_(temperature)
+
+    closed_form = loss == "forward_kl" or (loss == "jsd" and beta == 0.0)
     plan = ChunkPlan(
         row_loss,
         weights,
         width,
-        chunk_rows(width, rows.shape[0], memory_budget),
+        chunk_rows(width, rows.shape[0], memory_budget,
+                   SPARSE_FORWARD_KL_BLOCKS_PER_ROW if closed_form else AUTOGRAD_BLOCKS_PER_ROW),
         temperature**2 if scale_by_t2 else 1.0,
         wants_grad(rows, student_head.weight, student_head.bias),
+        kl_and_grad if closed_form else None,
     )
     return LossParts(total=fused_head_total(rows, student_head, plan), count=count)
 

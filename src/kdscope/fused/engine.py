@@ -28,6 +28,11 @@ FORWARD_KL_BLOCKS_PER_ROW = 4
 """The closed-form forward and reverse KL: the student logits (then q or the gradient), teacher log p, log q, and p
 or the product ``vecdot`` takes (the teacher's raw logits and the noise draw die before log q is taken)."""
 
+SPARSE_FORWARD_KL_BLOCKS_PER_ROW = 4
+"""The closed-form forward KL against a top-k teacher: the student logits (then q, then the gradient), their scaled
+copy and its top-k-masked copy inside ``losses.sparse_log_probs`` (with logsumexp's transient), later the tail
+softmax."""
+
 CROSS_ENTROPY_BLOCKS_PER_ROW = 2
 """The closed-form cross-entropy: the logits, turned into their gradient in place, and one spare."""
 
