@@ -30,7 +30,7 @@ SIGNALS = ("online", "dense", "cache")  # online: OnlineTeacher(topk=k); dense: 
 PATHS = ("fused", "plain")
 
 
-def _settings(args: argparse.Namespace, signal: str = "cache", path: str = "fused"):  # type: ignore[no-untyped-def]
+def _settings(args: argparse.Namespace, signal: str, path: str):  # type: ignore[no-untyped-def]
     from kdscope.train import TrainSettings
 
     return TrainSettings(objective="kd", teacher_topk=None if signal == "dense" else args.k, temperature=2.0,

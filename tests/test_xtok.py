@@ -27,6 +27,7 @@ from kdscope.xtok import (
     TokenSpelling,
     align_text,
     aligned_batch,
+    head_rows,
     retokenize_for_teacher,
     shared_vocabulary,
     token_spelling,
@@ -274,7 +275,8 @@ def test_fused_heads_equal_the_logits_path(loss: str) -> None:
     vocab = shared_vocabulary(token_spelling(student), token_spelling(teacher), len(student), len(teacher))
     batch = aligned_batch([alignment], torch.tensor([s_ids]), torch.tensor([t_ids]),
                           torch.ones(1, len(s_ids), dtype=torch.bool))
-    fused = xtok_fused_parts(s_hidden, s_head, t_hidden, t_head, batch, vocab, loss, 2.0, memory_budget=40_000).mean()
+    fused = xtok_fused_parts(s_hidden, s_head, head_rows(t_hidden, t_head), t_head.vocab, batch, vocab, loss, 2.0,
+                             memory_budget=40_000).mean()
     grads = torch.autograd.grad(fused, (s_hidden, s_head.weight, s_head.bias))
     plain = xtok_loss_parts(F.linear(s_hidden, s_head.weight, s_head.bias), F.linear(t_hidden, t_head.weight), batch,
                             vocab, loss, 2.0).mean()

@@ -23,7 +23,7 @@ from .align import (
 )
 from .batch import AlignedBatch, SideIndex, aligned_batch
 from .loss import (XTOK_DIVERGENCES, XTOK_LOSS_NAMES, bucket_log_probs, head_rows, logits_rows, xtok_fused_parts,
-                   xtok_head_parts, xtok_loss_parts)
+                   xtok_loss_parts)
 from .signal import (CrossTokenizerSignal, CrossTokenizerTeacher, cross_tokenizer_teacher, xtok_fused_kd_sum,
                      xtok_kd_sum)
 from .vocab import SharedVocabulary, TokenSpelling, decoder_kind, shared_vocabulary, token_spelling
@@ -53,7 +53,6 @@ __all__ = [
     "token_spelling",
     "xtok_fused_kd_sum",
     "xtok_fused_parts",
-    "xtok_head_parts",
     "xtok_kd_sum",
     "xtok_loss_parts",
 ]

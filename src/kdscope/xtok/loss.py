@@ -305,6 +305,8 @@ def logits_rows(teacher_logits: Tensor) -> TeacherRows:
 def head_rows(teacher_hidden: Tensor, teacher_head: LinearHead) -> TeacherRows:
     """The teacher rows made on demand from its last hidden states [batch, seq, hidden] and LM head: only the gathered
     rows' logits ever exist."""
+    if teacher_hidden.dim() != 3:
+        raise InputError("teacher hidden states must be [batch, seq, hidden]")
     hidden = teacher_hidden.detach()
     weight = teacher_head.weight.detach()
     bias = None if teacher_head.bias is None else teacher_head.bias.detach()
@@ -312,32 +314,6 @@ def head_rows(teacher_hidden: Tensor, teacher_head: LinearHead) -> TeacherRows:
 
 
 def xtok_fused_parts(
-    student_hidden: Tensor,
-    student_head: LinearHead,
-    teacher_hidden: Tensor,
-    teacher_head: LinearHead,
-    batch: AlignedBatch,
-    vocab: SharedVocabulary | None = None,
-    loss: str = "xtok_kl",
-    temperature: float = 1.0,
-    scale_by_t2: bool = True,
-    *,
-    divergence: str = "forward_kl",
-    beta: float = 0.5,
-    alpha: float = 0.1,
-    memory_budget: int = DEFAULT_MEMORY_BUDGET_BYTES,
-) -> LossParts:
-    """:func:`xtok_loss_parts` from both models' last hidden states [batch, seq, hidden] and LM heads (see
-    ``kdscope.fused``): logits exist only chunk by chunk; gradients land on the student hidden states, head weight
-    and bias."""
-    if teacher_hidden.dim() != 3:
-        raise InputError("teacher hidden states must be [batch, seq, hidden]")
-    return xtok_head_parts(student_hidden, student_head, head_rows(teacher_hidden, teacher_head), teacher_head.vocab,
-                           batch, vocab, loss, temperature, scale_by_t2, divergence=divergence, beta=beta,
-                           alpha=alpha, memory_budget=memory_budget)
-
-
-def xtok_head_parts(
     student_hidden: Tensor,
     student_head: LinearHead,
     teacher_rows: TeacherRows,
@@ -353,9 +329,10 @@ def xtok_head_parts(
     alpha: float = 0.1,
     memory_budget: int = DEFAULT_MEMORY_BUDGET_BYTES,
 ) -> LossParts:
-    """The student side of :func:`xtok_fused_parts` with the teacher given as rows (:func:`head_rows`, or
-    :func:`logits_rows` for a teacher whose dense logits exist anyway: a noisy one): the student's logits exist only
-    chunk by chunk."""
+    """:func:`xtok_loss_parts` from the student's last hidden states [batch, seq, hidden] and LM head (see
+    ``kdscope.fused``): the student's logits exist only chunk by chunk; gradients land on the hidden states, head
+    weight and bias. The teacher is given as rows: :func:`head_rows` (its hidden states and head, so its logits too
+    exist only chunk by chunk) or :func:`logits_rows` (a teacher whose dense logits exist anyway: a noisy one)."""
     if student_hidden.dim() != 3:
         raise InputError("student hidden states must be [batch, seq, hidden]")
     plan = _plan(batch, teacher_rows, teacher_width, student_head.vocab, vocab, loss, divergence, beta, alpha,

@@ -30,7 +30,7 @@ from kdscope.teacher import OnlineTeacher, TeacherOutput, logit_width
 
 from .align import Alignment, retokenize_for_teacher
 from .batch import AlignedBatch, aligned_batch
-from .loss import TeacherRows, head_rows, logits_rows, xtok_head_parts, xtok_loss_parts
+from .loss import TeacherRows, head_rows, logits_rows, xtok_fused_parts, xtok_loss_parts
 from .vocab import SharedVocabulary, TokenSpelling, decoder_kind, shared_vocabulary, token_spelling
 
 
@@ -178,9 +178,9 @@ def xtok_fused_kd_sum(student_hidden: Tensor, student_head: LinearHead, signal: 
     """``xtok_kd_sum`` from the student's last hidden states [batch, seq, hidden] and head: the student's logits
     exist only chunk by chunk, and the teacher's too when the signal holds its hidden states (``hidden_signal``)."""
     teacher_rows, teacher_width = signal.teacher_rows()
-    parts = xtok_head_parts(student_hidden, student_head, teacher_rows, teacher_width,
-                            _aligned(signal, kd_mask, reduction), signal.vocab, loss, temperature, scale_by_t2,
-                            beta=signal.beta, alpha=signal.alpha, memory_budget=memory_budget)
+    parts = xtok_fused_parts(student_hidden, student_head, teacher_rows, teacher_width,
+                             _aligned(signal, kd_mask, reduction), signal.vocab, loss, temperature, scale_by_t2,
+                             beta=signal.beta, alpha=signal.alpha, memory_budget=memory_budget)
     return _per_student_units(parts, kd_mask, reduction)
 
 
